@@ -1,0 +1,270 @@
+"""Data for mtpd: the embedded "shapes" benchmark (written as a real COCO-format dataset), a COCO-format
+dataset with torchvision's detection contract, and COCO evaluation with pycocotools.
+
+Layout (COCO 2017): ROOT/train2017/*.png, ROOT/val2017/*.png, ROOT/annotations/instances_{split}2017.json.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+# ---------------------------------------------------------------------------------------------------------
+# The embedded benchmark: shapes on cluttered, noisy backgrounds.
+# ---------------------------------------------------------------------------------------------------------
+# Classes differ by outline only (colours are random), and several differ in fine detail (pentagon vs
+# hexagon vs circle, star vs cross): a small low-resolution model confuses them, which leaves a bigger or
+# higher-resolution teacher something to transfer. Category ids are deliberately not 1..K.
+SHAPES = {"circle": 1, "triangle": 2, "square": 3, "pentagon": 5, "hexagon": 6, "star": 8, "cross": 9}
+# Object sizes (bounding-box side, px) are drawn from three bands so that COCO's small (< 32^2),
+# medium and large (> 96^2) area buckets are all populated even at 128 px.
+# Bands are circumcircle diameters; large shapes may extend past the border (clipped, as in real photos).
+SIZE_BANDS = [(0.45, 10, 36), (0.40, 40, 100), (0.15, 130, 180)]
+
+
+def _outline(kind, cx, cy, r, rot):
+    """Polygon [(x, y), ...] of a shape of circumradius r."""
+    if kind == "circle":
+        n, radii = 32, [r]
+    elif kind == "star":
+        n, radii = 10, [r, 0.45 * r]
+    elif kind == "cross":  # a plus sign: 12 corners
+        a, b = r * 0.9, r * 0.32
+        pts = [(b, a), (b, b), (a, b), (a, -b), (b, -b), (b, -a), (-b, -a), (-b, -b), (-a, -b), (-a, b),
+               (-b, b), (-b, a)]
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    else:
+        n, radii = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6}[kind], [r]
+    return [(cx + radii[i % len(radii)] * math.cos(rot + 2 * math.pi * i / n),
+             cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n)) for i in range(n)]
+
+
+def _background(rng, size):
+    """Smooth colour gradient + texture blobs + distractor lines + pixel noise."""
+    base = np.array([rng.randint(0, 255) for _ in range(3)], np.float32)
+    tint = np.array([rng.randint(-80, 80) for _ in range(3)], np.float32)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    ang = rng.uniform(0, 2 * math.pi)
+    ramp = (math.cos(ang) * xx + math.sin(ang) * yy)[..., None]
+    img = Image.fromarray(np.clip(base + tint * ramp, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(2, 6)):  # soft blobs (clutter, not objects)
+        x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(4, size / 4)
+        draw.ellipse([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], fill=_colour(rng))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(1, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(1, 4)):  # thin distractor lines
+        pts = [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)]
+        draw.line(pts, fill=_colour(rng), width=rng.randint(1, 2))
+    return img
+
+
+def _colour(rng):
+    return tuple(rng.randint(0, 255) for _ in range(3))
+
+
+def _polygon_area(pts):
+    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1])))
+
+
+def _make_image(rng, size, max_objects):
+    img = _background(rng, size)
+    draw = ImageDraw.Draw(img)
+    objects, boxes = [], []
+    n = rng.randint(1, max_objects)
+    bands = rng.choices(SIZE_BANDS, [b[0] for b in SIZE_BANDS], k=n)
+    sides = sorted((rng.uniform(lo, hi) for _, lo, hi in bands), reverse=True)  # big first: small on top
+    for side in sides:
+        kind = rng.choice(list(SHAPES))
+        for _ in range(20):  # place it; partial overlap allowed, near-duplicates not
+            r = side / 2
+            lo = min(r, 0.35 * size)
+            cx, cy = rng.uniform(lo, size - lo), rng.uniform(lo, size - lo)
+            pts = _clip(_outline(kind, cx, cy, r, rng.uniform(0, 2 * math.pi)), size)
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            box = [min(xs), min(ys), max(xs), max(ys)]
+            if all(_iou(box, b) < 0.4 for b in boxes):
+                break
+        else:
+            continue
+        draw.polygon(pts, fill=_colour(rng), outline=_colour(rng) if rng.random() < 0.5 else None)
+        boxes.append(box)
+        objects.append((kind, pts, box))
+    arr = np.asarray(img).astype(np.float32)
+    noise = np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, rng.uniform(4, 16), arr.shape)
+    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8)), objects
+
+
+def _clip(pts, size):
+    """Sutherland-Hodgman: the part of polygon `pts` inside [0, size]^2."""
+    for axis, bound, keep in ((0, 0, 1), (0, size, -1), (1, 0, 1), (1, size, -1)):
+        out = []
+        for p, q in zip(pts, pts[1:] + pts[:1]):
+            pin, qin = keep * (p[axis] - bound) >= 0, keep * (q[axis] - bound) >= 0
+            if pin:
+                out.append(p)
+            if pin != qin:  # the edge crosses the boundary
+                t = (bound - p[axis]) / (q[axis] - p[axis])
+                out.append((p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1])))
+        pts = out
+    return pts
+
+
+def _iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / max(union, 1e-9)
+
+
+def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, progress=True):
+    """Write the shapes benchmark to `root` in COCO 2017 layout; deterministic from `seed`.
+
+    Annotations are amodal polygons (an occluded shape keeps its whole outline), with COCO's bbox
+    [x, y, w, h], area (polygon area, which COCOeval uses for the small/medium/large buckets) and iscrowd=0.
+    Returns {split: {"images": n, "small": n, "medium": n, "large": n}}.
+    """
+    from tqdm import tqdm
+    stats = {}
+    categories = [{"id": i, "name": n, "supercategory": "shape"} for n, i in SHAPES.items()]
+    for split, n, offset in (("train", n_train, 0), ("val", n_val, 10 ** 6)):
+        os.makedirs(os.path.join(root, f"{split}2017"), exist_ok=True)
+        images, anns, buckets = [], [], {"small": 0, "medium": 0, "large": 0}
+        for i in tqdm(range(n), desc=f"shapes {split}", disable=not progress, leave=False):
+            rng = random.Random(seed * 7919 + offset + i)
+            img, objects = _make_image(rng, size, max_objects)
+            name = f"{i:06d}.png"
+            img.save(os.path.join(root, f"{split}2017", name))
+            images.append({"id": i + 1, "file_name": name, "height": size, "width": size})
+            for kind, pts, (x0, y0, x1, y1) in objects:
+                area = _polygon_area(pts)
+                buckets["small" if area < 32 ** 2 else "medium" if area < 96 ** 2 else "large"] += 1
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": SHAPES[kind],
+                             "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                             "area": round(area, 2), "iscrowd": 0,
+                             "segmentation": [[round(c, 2) for p in pts for c in p]]})
+        coco = {"images": images, "annotations": anns, "categories": categories,
+                "info": {"description": f"mtpd shapes benchmark, seed {seed}"}}
+        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+        path = os.path.join(root, "annotations", f"instances_{split}2017.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(coco, f)
+        os.replace(path + ".tmp", path)  # the json last, atomically: its presence means "complete"
+        stats[split] = {"images": n, **buckets}
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# COCO-format dataset with torchvision's detection contract.
+# ---------------------------------------------------------------------------------------------------------
+class CocoDetection(torch.utils.data.Dataset):
+    """Images and targets from a COCO-format folder.
+
+    Returns (image [3, H, W] float in 0-1, target) with target = {boxes [N, 4] xyxy float, labels [N] int64
+    in 1..K (contiguous, mapped from the sorted category ids), masks [N, H, W] uint8, image_id int}.
+    `flip`: horizontal-flip augmentation with probability 0.5 (training). `masks=False` skips rasterising.
+    """
+
+    def __init__(self, root, split, flip=False, masks=True):
+        self.root, self.split, self.flip, self.masks = root, split, flip, masks
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco = COCO(os.path.join(root, "annotations", f"instances_{split}2017.json"))
+        self.ids = sorted(self.coco.imgs)
+        self.category_ids = sorted(self.coco.cats)  # label i (1..K) <-> category_ids[i - 1]
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.category_ids)}
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, idx):
+        image_id = self.ids[idx]
+        info = self.coco.imgs[image_id]
+        img = Image.open(os.path.join(self.root, f"{self.split}2017", info["file_name"])).convert("RGB")
+        w, h = img.size
+        image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                               a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        target = {"boxes": boxes,
+                  "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+                  "image_id": image_id}
+        if self.masks:
+            target["masks"] = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])
+                                               if anns else np.zeros((0, h, w), np.uint8))
+        if self.flip and torch.rand(1).item() < 0.5:
+            image = image.flip(-1)
+            target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+def collate(batch):
+    """A batch stays a pair of lists: torchvision detectors take images of different sizes."""
+    return tuple(zip(*batch))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# COCO evaluation.
+# ---------------------------------------------------------------------------------------------------------
+SUMMARY_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+@torch.no_grad()
+def predict(model, loader, category_ids, device, progress=False):
+    """Run `model` (eval mode) over `loader`; return COCO-format results lists for bbox and segm
+    (segm empty when the model predicts no masks), with labels mapped back to the original category ids."""
+    from tqdm import tqdm
+    model.eval()
+    bbox, segm = [], []
+    for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        outputs = model([im.to(device, non_blocking=True) for im in images])
+        for out, tgt in zip(outputs, targets):
+            b = out["boxes"].float().cpu()
+            b[:, 2:] -= b[:, :2]  # xyxy -> xywh
+            for i, (box, score, label) in enumerate(zip(b.tolist(), out["scores"].tolist(), out["labels"].tolist())):
+                det = {"image_id": tgt["image_id"], "category_id": category_ids[label - 1],
+                       "bbox": [round(v, 2) for v in box], "score": round(score, 4)}
+                bbox.append(det)
+                if "masks" in out:
+                    m = (out["masks"][i, 0] > 0.5).cpu().numpy().astype(np.uint8)
+                    rle = mask_utils.encode(np.asfortranarray(m))
+                    rle["counts"] = rle["counts"].decode("ascii")
+                    segm.append({**det, "segmentation": rle})
+    return bbox, segm
+
+
+def coco_summary(coco_gt, results, iou_type):
+    """COCOeval's 12 summary numbers as a dict (SUMMARY_KEYS); all -1 when there is nothing to score."""
+    if not results:
+        return {k: 0.0 for k in SUMMARY_KEYS}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, dt, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: float(v) for k, v in zip(SUMMARY_KEYS, ev.stats)}
+
+
+def evaluate(model, loader, device, progress=False):
+    """Box AP (and mask AP when the model predicts masks) of `model` on loader.dataset (a CocoDetection).
+
+    Returns {AP, AP50, AP75, APs, APm, APl, AR...} for bbox, plus the same with a 'mask_' prefix for segm.
+    """
+    ds = loader.dataset
+    bbox, segm = predict(model, loader, ds.category_ids, device, progress)
+    out = coco_summary(ds.coco, bbox, "bbox")
+    if segm:
+        out.update({f"mask_{k}": v for k, v in coco_summary(ds.coco, segm, "segm").items()})
+    return out

@@ -1,0 +1,247 @@
+"""Multi-Teacher Progressive Distillation (Cao et al., ICML 2023, arXiv 2308.09105), in the paper's order:
+
+    1. feature capture   the neck (FPN) outputs of a detector, keyed by stride            (§3.1)
+    2. adapter phi       identity / 1x1 conv / upsample / both, chosen from the shapes    (§3.1)
+    3. feature loss      L = L_detect + lambda * || F_T - phi(F_S) ||^2                  (§3.1)
+    4. adaptation cost   d(A -> B): held-out error of the best linear 1x1 map A -> B      (§3.2)
+    5. BGS               Backward Greedy Selection of the teacher order                   (§3.2, Alg. 1)
+    6. the schedule      one stage per teacher, fresh adapter and optimiser per stage     (§3.2)
+
+It imports torch only: copy this file next to your own detector. Anything detector-specific (how to run a
+teacher's backbone on a batch, how to train one stage) is passed in as a function.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Feature capture (§3.1): distillation acts on the neck outputs F, level by level.
+# ---------------------------------------------------------------------------------------------------------
+def stride_keyed(input_hw, feats):
+    """Key a neck's levels by stride, so that levels of different detectors pair up correctly
+    (RetinaNet: P3-P7 = strides 8..128; Mask R-CNN: P2-P6 = 4..64; pairing by list index would be wrong).
+
+    input_hw: (H, W) of the padded input batch. feats: dict/list of [N, C, h, w], finest level first.
+    Returns {stride: [N, C, h, w]}. The finest level's stride is H/h rounded to a power of two; each next
+    level doubles it (FPN extra levels are stride-2 convs or pools: at tiny inputs P6 and P7 are both
+    1x1, so their strides cannot be read from the sizes).
+    """
+    levels = list(feats.values() if isinstance(feats, dict) else feats)
+    first = 2 ** round(math.log2(input_hw[0] / levels[0].shape[-2]))
+    return {first * 2 ** i: f for i, f in enumerate(levels)}
+
+
+def capture_features(backbone):
+    """Hook `backbone` so each forward also leaves its outputs, keyed by stride, in the returned dict.
+
+    The student's features come from its own training forward (the one that computes the detection
+    losses): distillation costs no second student pass. Returns (store, hook handle).
+    """
+    store = {}
+
+    def hook(module, inputs, output):
+        store.clear()
+        store.update(stride_keyed(inputs[0].shape[-2:], output))
+
+    return store, backbone.register_forward_hook(hook)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Adapter phi (§3.1): maps a student level to its teacher level. Training only, dropped at export.
+# ---------------------------------------------------------------------------------------------------------
+def adapter_kind(student_shape, teacher_shape):
+    """The paper's four cases from the shapes [C, H, W] (batch dim optional) of one level pair."""
+    (cs, hs, ws), (ct, ht, wt) = student_shape[-3:], teacher_shape[-3:]
+    conv, resize = cs != ct, (hs, ws) != (ht, wt)
+    return {(False, False): "identity", (True, False): "conv", (False, True): "upsample",
+            (True, True): "conv+upsample"}[(conv, resize)]
+
+
+class Adapter(nn.Module):
+    """phi for one level: an optional 1x1 conv (channels differ), then bilinear resizing to the teacher's
+    size when the resolutions differ (e.g. a low-resolution student). x [N, Cs, h, w] -> [N, Ct, H, W]."""
+
+    def __init__(self, student_channels, teacher_channels):
+        super().__init__()
+        self.proj = (nn.Conv2d(student_channels, teacher_channels, 1)
+                     if student_channels != teacher_channels else nn.Identity())
+
+    def forward(self, x, size):
+        x = self.proj(x)
+        if x.shape[-2:] != tuple(size):
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        return x
+
+
+def common_strides(student_feats, teacher_feats):
+    """Strides present in both; a pair with none cannot be distilled."""
+    strides = sorted(set(student_feats) & set(teacher_feats))
+    if not strides:
+        raise ValueError(f"no common FPN stride: student has {sorted(student_feats)}, "
+                         f"teacher has {sorted(teacher_feats)}")
+    return strides
+
+
+def build_adapters(student_feats, teacher_feats):
+    """One fresh Adapter per common stride, from one batch of features. Returns nn.ModuleDict {str(stride)}."""
+    return nn.ModuleDict({str(s): Adapter(student_feats[s].shape[1], teacher_feats[s].shape[1])
+                          for s in common_strides(student_feats, teacher_feats)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Feature loss (§3.1): L2 between F_T and phi(F_S) over the common strides.
+# ---------------------------------------------------------------------------------------------------------
+def feature_loss(student_feats, teacher_feats, adapters, eps=1e-6):
+    """Mean over common levels of ||F_T - phi(F_S)||^2 / (numel * Var(F_T)).
+
+    Each level's mean squared error is divided by the (constant) variance of the teacher's level, so the
+    loss is the fraction of the teacher's feature variance the student misses: raw FPN MSEs can be hundreds
+    of times the detection loss, and this makes lambda ~ 1 meaningful across detectors. It is still the
+    paper's L2, with one constant weight per level. 0 when F_S == F_T through an identity adapter.
+    """
+    losses = []
+    for key, adapter in adapters.items():
+        s = int(key)
+        ft = teacher_feats[s].detach()  # [N, Ct, H, W]
+        fs = adapter(student_feats[s], ft.shape[-2:])  # [N, Ct, H, W]
+        losses.append(F.mse_loss(fs, ft) / (ft.var() + eps))
+    return torch.stack(losses).mean()
+
+
+def distill_losses(student, images, targets, student_feats, teachers, adapters, teacher_features, lam=1.0):
+    """One training forward of §3.1: L = L_detect + lam * sum over teachers of the feature loss.
+
+    student: a detector in train mode returning a dict of detection losses, whose backbone is hooked by
+    `capture_features` (student_feats). teachers: frozen detectors (one for a progressive stage, several for
+    the ensemble baseline), each with its nn.ModuleDict of adapters. teacher_features(teacher, images)
+    -> {stride: [N, C, H, W]} runs only the teacher's backbone+neck: its heads never run.
+    Returns the loss dict: the detection terms plus 'distill' (already multiplied by lam).
+    """
+    losses = student(images, targets)  # fills student_feats through the hook
+    if teachers:
+        total = 0.0
+        for teacher, adapter in zip(teachers, adapters):
+            with torch.no_grad():  # there is no backpropagation through the teacher
+                ft = teacher_features(teacher, images)
+            total = total + feature_loss(student_feats, ft, adapter)
+        losses["distill"] = lam * total
+    return losses
+
+
+def freeze(model):
+    """A teacher: eval mode, no gradients, never in an optimiser (§3.1)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Adaptation cost (§3.2): d(A -> B) = held-out L2 of the best linear 1x1 map from A's features to B's.
+# ---------------------------------------------------------------------------------------------------------
+def _rows(x):
+    """[N, C, H, W] -> [N*H*W, C] in float64 (a 1x1 conv is a per-pixel linear map of channels)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
+
+
+def accumulate_moments(moments, split, feats):
+    """Add one batch to the sufficient statistics of every ordered pair (a, b) and common stride.
+
+    split: 'fit' or 'held'. feats: {model_name: {stride: [N, C, H, W]}}, one forward of each model on the
+    same images. A's level is resized to B's size (bilinear: still linear), and a column of ones gives the
+    bias. Per (split, a, b, stride) it keeps X'X [Ca+1, Ca+1], X'Y [Ca+1, Cb], sum Y [Cb], sum Y^2, rows.
+    """
+    for a, fa in feats.items():
+        for b, fb in feats.items():
+            if a == b:
+                continue
+            for s in common_strides(fa, fb):
+                xa = fa[s]
+                if xa.shape[-2:] != fb[s].shape[-2:]:
+                    xa = F.interpolate(xa.float(), size=fb[s].shape[-2:], mode="bilinear", align_corners=False)
+                x, y = _rows(xa), _rows(fb[s])
+                x = torch.cat([x, torch.ones_like(x[:, :1])], 1)  # [P, Ca+1]
+                m = moments.setdefault((split, a, b, s), [0.0, 0.0, 0.0, 0.0, 0])
+                m[0] = m[0] + x.T @ x
+                m[1] = m[1] + x.T @ y
+                m[2] = m[2] + y.sum(0)
+                m[3] = m[3] + (y * y).sum()
+                m[4] += y.shape[0]
+    return moments
+
+
+def costs_from_moments(moments, ridge=1e-2):
+    """Solve each pair's ridge least squares on 'fit', evaluate it exactly on 'held'.
+
+    W = (X'X + r I)^-1 X'Y  with r = ridge * mean(diag X'X) (bias not penalised);
+    held SSE = sum Y^2 - 2 <W, X'Y> + <W, X'X W>;  SST = sum Y^2 - |sum Y|^2 / n  (per level).
+    cost(a->b) = sum of SSE / sum of SST over the common levels: the fraction of B's held-out feature
+    variance that no linear map of A explains (0 = B holds nothing A lacks). Pooling over levels weights
+    them by pixels, so the coarse levels (a few pixels, easy to overfit) cannot dominate. Dividing by B's
+    variance changes no BGS decision, since BGS only compares costs into the same target. -> {a: {b: float}}
+    """
+    sums = {}
+    for (split, a, b, s), (xx, xy, _, _, _) in moments.items():
+        if split != "fit":
+            continue
+        if ("held", a, b, s) not in moments:
+            raise ValueError("the held-out split is empty: adaptation costs need held-out features")
+        reg = torch.eye(xx.shape[0], dtype=xx.dtype) * ridge * xx.diagonal()[:-1].mean()
+        reg[-1, -1] = 0.0
+        w = torch.linalg.solve(xx + reg, xy)  # [Ca+1, Cb]
+        hxx, hxy, hsy, hyy, n = moments[("held", a, b, s)]
+        sse = hyy - 2 * (w * hxy).sum() + (w * (hxx @ w)).sum()
+        sst = hyy - (hsy * hsy).sum() / n
+        acc = sums.setdefault(a, {}).setdefault(b, [0.0, 0.0])
+        acc[0] += float(sse.clamp(min=0))
+        acc[1] += float(sst)
+    return {a: {b: e / max(t, 1e-12) for b, (e, t) in row.items()} for a, row in sums.items()}
+
+
+def adaptation_costs(batches, ridge=1e-2):
+    """The whole cost matrix from one pass: batches yields (split, {model: {stride: features}}).
+    Each model runs once per batch, so N models cost N forward passes over the data (no SGD)."""
+    moments = {}
+    for split, feats in batches:
+        accumulate_moments(moments, split, feats)
+    return costs_from_moments(moments, ridge)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Backward Greedy Selection (§3.2, Algorithm 1).
+# ---------------------------------------------------------------------------------------------------------
+def backward_greedy_selection(cost, student, teacher_ap, k):
+    """Choose the teacher order, first stage first.
+
+    cost[a][b] = d(a -> b); student: a key of cost; teacher_ap: {teacher: validation AP} (the candidates);
+    k: the most teachers to use. The last teacher is the best one; then, repeatedly, the remaining teacher
+    with the smallest cost into the current first teacher is prepended, until every remaining teacher costs
+    more than the student itself into it (the student is already closer than any bridge) or k is reached.
+    Built backwards because later teachers shape the final student most.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    order = [max(teacher_ap, key=lambda t: (teacher_ap[t], t))]
+    remaining = set(teacher_ap) - set(order)
+    while remaining and len(order) < k:
+        first = order[0]
+        bridge = min(sorted(remaining), key=lambda t: cost[t][first])
+        if cost[bridge][first] > cost[student][first]:
+            break  # every remaining teacher is farther from `first` than the student is
+        order.insert(0, bridge)
+        remaining.remove(bridge)
+    return order
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Progressive distillation (§3.2): one stage per teacher, in the BGS order.
+# ---------------------------------------------------------------------------------------------------------
+def progressive_distillation(student, teachers, run_stage):
+    """Distil `student` from each teacher in turn. run_stage(student, [teacher], stage_index) trains one
+    stage (a "1x" schedule in the paper) with a fresh adapter and a fresh optimiser/LR schedule, starting
+    from the weights the previous stage left; it returns whatever it measured (e.g. validation AP).
+    Returns the list of those per-stage results.
+    """
+    return [run_stage(student, [teacher], i) for i, teacher in enumerate(teachers)]

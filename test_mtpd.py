@@ -1,0 +1,358 @@
+"""Tests for mtpd (CPU, tiny tensors and models). Run: python -m pytest -q test_mtpd.py"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import data
+import mtpd
+import train
+from models import build_detector, fpn_features
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §3.1: feature capture, adapters, feature loss
+# ---------------------------------------------------------------------------------------------------------
+def test_adapter_kind_from_shapes():
+    assert mtpd.adapter_kind((256, 16, 16), (256, 16, 16)) == "identity"
+    assert mtpd.adapter_kind((128, 16, 16), (256, 16, 16)) == "conv"
+    assert mtpd.adapter_kind((256, 8, 8), (256, 16, 16)) == "upsample"
+    assert mtpd.adapter_kind((2, 128, 8, 8), (2, 256, 16, 16)) == "conv+upsample"
+
+
+def test_adapter_output_shapes_and_modules():
+    s = {8: torch.randn(2, 4, 4, 4), 16: torch.randn(2, 4, 2, 2)}
+    t = {8: torch.randn(2, 6, 8, 8), 16: torch.randn(2, 6, 4, 4), 4: torch.randn(2, 6, 16, 16)}
+    ad = mtpd.build_adapters(s, t)
+    assert sorted(ad) == ["16", "8"]  # paired by stride; stride 4 has no student level
+    assert isinstance(ad["8"].proj, nn.Conv2d) and ad["8"](s[8], (8, 8)).shape == (2, 6, 8, 8)
+    same = mtpd.build_adapters(s, s)
+    assert isinstance(same["8"].proj, nn.Identity) and torch.equal(same["8"](s[8], (4, 4)), s[8])
+
+
+def test_no_common_stride_is_an_error():
+    with pytest.raises(ValueError, match="no common FPN stride"):
+        mtpd.common_strides({4: 0, 8: 0}, {16: 0, 32: 0})
+
+
+def test_stride_keyed_pairs_tiny_p6_p7():
+    # At a 64-px input P5, P6 and P7 are 2x2, 1x1 and 1x1: strides come from the level order, not sizes.
+    feats = [torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2),
+             torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)]
+    assert sorted(mtpd.stride_keyed((64, 64), feats)) == [8, 16, 32, 64, 128]
+    assert sorted(mtpd.stride_keyed((800, 1216), [torch.zeros(1, 1, 200, 304)] * 5)) == [4, 8, 16, 32, 64]
+
+
+def test_feature_loss_values():
+    f = {8: torch.randn(2, 3, 4, 4)}
+    ident = mtpd.build_adapters(f, f)
+    assert mtpd.feature_loss(f, f, ident).item() == 0.0
+    # Hand-computed: student zeros vs teacher t -> mean(t^2) / var(t).
+    t = {8: torch.tensor([1.0, -1.0, 3.0, -3.0]).reshape(1, 1, 2, 2)}
+    z = {8: torch.zeros(1, 1, 2, 2)}
+    expected = (1 + 1 + 9 + 9) / 4 / torch.tensor([1.0, -1.0, 3.0, -3.0]).var()
+    assert torch.isclose(mtpd.feature_loss(z, t, mtpd.build_adapters(z, t)), expected, atol=1e-5)
+
+
+def tiny_detector(name="retinanet_r18", scale=1.0, num_classes=8, **kw):
+    return build_detector(name, num_classes, scale=scale, min_size=64, max_size=64, fpn_channels=16, head_convs=1,
+                          anchor_base=4, **kw)
+
+
+def tiny_batch(n=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 24.0]]), "labels": torch.tensor([1])} for _ in range(n)]
+    return images, targets
+
+
+def test_gradients_reach_student_and_adapter_never_teacher():
+    torch.manual_seed(0)
+    student, teacher = tiny_detector(scale=0.5), mtpd.freeze(tiny_detector("retinanet_r34"))
+    images, targets = tiny_batch()
+    feats, hook = mtpd.capture_features(student.backbone)
+    with torch.no_grad():
+        fs, ft = fpn_features(student.eval(), images), fpn_features(teacher, images)
+    assert mtpd.adapter_kind(fs[8].shape, ft[8].shape) == "upsample"  # 32-px student vs 64-px teacher
+    adapters = [mtpd.build_adapters(fs, ft)]
+    student.train()
+    losses = mtpd.distill_losses(student, images, targets, feats, [teacher], adapters, fpn_features, lam=1.0)
+    hook.remove()
+    assert "distill" in losses and losses["distill"].item() > 0
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters()) and not any(p.requires_grad for p in teacher.parameters())
+    assert student.backbone.body.conv1.weight.grad.abs().sum() > 0
+    # the distillation term alone moves the student's backbone (it is not only the detection loss)
+    student.zero_grad()
+    feats, hook = mtpd.capture_features(student.backbone)
+    mtpd.distill_losses(student, images, targets, feats, [teacher], adapters, fpn_features)["distill"].backward()
+    hook.remove()
+    assert student.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §3.2: adaptation cost
+# ---------------------------------------------------------------------------------------------------------
+def _feats(seed, c=6, n=4, hw=8):
+    return torch.randn(n, c, hw, hw, generator=torch.Generator().manual_seed(seed))
+
+
+def test_cost_zero_for_affine_map_and_positive_when_rank_is_lost():
+    batches = []
+    w, b = torch.randn(6, 6, generator=torch.Generator().manual_seed(9)), torch.randn(6, 1, 1)
+    proj = torch.zeros(6, 6)
+    proj[:2, :2] = torch.eye(2)  # C keeps only 2 of A's 6 directions
+    for i, split in enumerate(["fit", "fit", "held"]):
+        a = _feats(i)
+        bb = torch.einsum("dc,nchw->ndhw", w, a) + b  # B = affine(A), invertible
+        cc = torch.einsum("dc,nchw->ndhw", proj, a)  # C = rank-2 projection of A
+        batches.append((split, {"A": {8: a}, "B": {8: bb}, "C": {8: cc}}))
+    cost = mtpd.adaptation_costs(batches, ridge=1e-6)
+    assert cost["A"]["B"] < 1e-4 and cost["B"]["A"] < 1e-4  # affine both ways
+    assert cost["A"]["C"] < 1e-4  # a projection of A is easy to reach from A ...
+    assert cost["C"]["A"] > 0.5  # ... but A cannot be recovered from its projection: ~4/6 of variance lost
+
+
+def test_cost_matches_direct_least_squares():
+    fit_a, fit_b, held_a, held_b = _feats(1), _feats(2, c=3), _feats(3), _feats(4, c=3)
+    cost = mtpd.adaptation_costs([("fit", {"A": {8: fit_a}, "B": {8: fit_b}}),
+                                  ("held", {"A": {8: held_a}, "B": {8: held_b}})], ridge=0.0)
+    rows = lambda x: x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()  # noqa: E731
+    x = torch.cat([rows(fit_a), torch.ones(fit_a.numel() // 6, 1, dtype=torch.float64)], 1)
+    w = torch.linalg.lstsq(x, rows(fit_b)).solution
+    xh = torch.cat([rows(held_a), torch.ones(held_a.numel() // 6, 1, dtype=torch.float64)], 1)
+    yh = rows(held_b)
+    expected = ((xh @ w - yh) ** 2).sum() / ((yh - yh.mean(0)) ** 2).sum()
+    assert abs(cost["A"]["B"] - expected.item()) < 1e-8
+
+
+def test_cost_resizes_across_resolutions():
+    a = _feats(5, hw=4)
+    up = torch.nn.functional.interpolate(a, size=(8, 8), mode="bilinear", align_corners=False)
+    cost = mtpd.adaptation_costs([("fit", {"lo": {8: a}, "hi": {8: up}}), ("held", {"lo": {8: a}, "hi": {8: up}})],
+                                 ridge=1e-8)
+    assert cost["lo"]["hi"] < 1e-6 and cost["hi"]["lo"] > cost["lo"]["hi"]
+
+
+def test_cost_needs_held_out_split():
+    with pytest.raises(ValueError, match="held-out"):
+        mtpd.adaptation_costs([("fit", {"A": {8: _feats(1)}, "B": {8: _feats(2)}})])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §3.2, Algorithm 1: Backward Greedy Selection
+# ---------------------------------------------------------------------------------------------------------
+COST = {"S": {"T1": 0.5, "T2": 0.8, "T3": 0.9},
+        "T1": {"S": 0.1, "T2": 0.3, "T3": 0.6},
+        "T2": {"S": 0.1, "T1": 0.2, "T3": 0.4},
+        "T3": {"S": 0.1, "T1": 0.2, "T2": 0.1}}
+AP = {"T1": 0.30, "T2": 0.35, "T3": 0.40}
+
+
+def test_bgs_builds_backwards_from_best_teacher():
+    assert mtpd.backward_greedy_selection(COST, "S", AP, k=3) == ["T1", "T2", "T3"]
+
+
+def test_bgs_k_limit():
+    assert mtpd.backward_greedy_selection(COST, "S", AP, k=1) == ["T3"]
+    assert mtpd.backward_greedy_selection(COST, "S", AP, k=2) == ["T2", "T3"]
+    with pytest.raises(ValueError):
+        mtpd.backward_greedy_selection(COST, "S", AP, k=0)
+
+
+def test_bgs_stops_when_student_is_closer_than_any_bridge():
+    cost = json.loads(json.dumps(COST))
+    cost["S"]["T2"] = 0.25  # now S -> T2 (0.25) beats the only bridge T1 -> T2 (0.3)
+    assert mtpd.backward_greedy_selection(cost, "S", AP, k=3) == ["T2", "T3"]
+    cost["S"]["T3"] = 0.05  # the student is closer to the best teacher than anyone
+    assert mtpd.backward_greedy_selection(cost, "S", AP, k=3) == ["T3"]
+
+
+def test_bgs_picks_cheapest_bridge_not_best_ap():
+    cost = json.loads(json.dumps(COST))
+    cost["T1"]["T3"], cost["T2"]["T3"] = 0.05, 0.3  # T1 is the cheaper bridge into T3 despite lower AP
+    order = mtpd.backward_greedy_selection(cost, "S", AP, k=2)
+    assert order == ["T1", "T3"]
+
+
+def test_progressive_schedule_runs_each_teacher_in_order_from_previous_weights():
+    student = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(student.weight)
+    seen = []
+
+    def run_stage(model, teachers, i):
+        seen.append((i, teachers[0], model.weight.item()))
+        with torch.no_grad():
+            model.weight += 1
+        return i
+
+    assert mtpd.progressive_distillation(student, ["A", "B", "C"], run_stage) == [0, 1, 2]
+    assert seen == [(0, "A", 0.0), (1, "B", 1.0), (2, "C", 2.0)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data and evaluation
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    stats = data.make_shapes(root, n_train=12, n_val=6, size=64, seed=3, progress=False)
+    return root, stats
+
+
+def test_shapes_is_coco_and_deterministic(shapes, tmp_path):
+    root, stats = shapes
+    again = data.make_shapes(str(tmp_path), n_train=12, n_val=6, size=64, seed=3, progress=False)
+    assert again == stats
+    for split in ("train", "val"):
+        a = open(os.path.join(root, "annotations", f"instances_{split}2017.json")).read()
+        assert a == open(os.path.join(tmp_path, "annotations", f"instances_{split}2017.json")).read()
+    ann = json.load(open(os.path.join(root, "annotations", "instances_train2017.json")))
+    assert {c["id"] for c in ann["categories"]} == set(data.SHAPES.values())
+    for a in ann["annotations"]:
+        assert set(a) >= {"bbox", "area", "iscrowd", "segmentation", "category_id", "image_id"}
+        x, y, w, h = a["bbox"]
+        assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 64.01 and y + h <= 64.01
+
+
+def test_default_benchmark_populates_all_size_buckets(tmp_path):
+    stats = data.make_shapes(str(tmp_path), n_train=60, n_val=1, size=128, seed=0, progress=False)
+    assert min(stats["train"][b] for b in ("small", "medium", "large")) > 5
+
+
+def test_dataset_round_trip(shapes):
+    root, _ = shapes
+    ds = data.CocoDetection(root, "train")
+    ann = json.load(open(os.path.join(root, "annotations", "instances_train2017.json")))
+    cats = sorted(c["id"] for c in ann["categories"])
+    assert ds.category_ids == cats and ds.cat_to_label[cats[-1]] == len(cats)  # 9 -> 7: contiguous labels
+    image, target = ds[0]
+    assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+    mine = [a for a in ann["annotations"] if a["image_id"] == ds.ids[0]]
+    for a, box, label, mask in zip(mine, target["boxes"], target["labels"], target["masks"]):
+        x, y, w, h = a["bbox"]
+        assert torch.allclose(box, torch.tensor([x, y, x + w, y + h]))
+        assert ds.category_ids[label - 1] == a["category_id"]
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert mask.dtype == torch.uint8 and xs.min() >= int(x) - 1 and xs.max() <= x + w + 1
+        assert abs(mask.sum().item() - a["area"]) < 0.25 * a["area"] + 10
+
+
+def test_flip_mirrors_boxes_and_masks(shapes):
+    root, _ = shapes
+    plain, flipped = data.CocoDetection(root, "train"), data.CocoDetection(root, "train", flip=True)
+    for seed in range(20):  # p = 0.5: some seed flips
+        torch.manual_seed(seed)
+        img, tgt = flipped[0]
+        if not torch.equal(img, plain[0][0]):
+            break
+    img0, tgt0 = plain[0]
+    assert torch.equal(img, img0.flip(-1)) and torch.equal(tgt["masks"], tgt0["masks"].flip(-1))
+    assert torch.allclose(tgt["boxes"][:, [0, 2]], 64 - tgt0["boxes"][:, [2, 0]])
+
+
+def test_coco_eval_of_ground_truth_is_perfect(shapes):
+    root, _ = shapes
+    ds = data.CocoDetection(root, "val", masks=False)
+    gt = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+          for a in ds.coco.dataset["annotations"]]
+    s = data.coco_summary(ds.coco, gt, "bbox")
+    assert s["AP"] > 0.99 and s["AP50"] > 0.99
+    wrong = [{**d, "category_id": data.SHAPES["circle"] if d["category_id"] != data.SHAPES["circle"]
+              else data.SHAPES["star"]} for d in gt]
+    assert data.coco_summary(ds.coco, wrong, "bbox")["AP"] < 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ours,theirs", [("retinanet_r50", "retinanet_resnet50_fpn"),
+                                         ("maskrcnn_r50", "maskrcnn_resnet50_fpn")])
+def test_zoo_matches_torchvision_state_dict(ours, theirs):
+    import torchvision
+    a = build_detector(ours, 91).state_dict()
+    b = getattr(torchvision.models.detection, theirs)(weights=None, weights_backbone=None).state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+
+
+def test_swin_and_maskrcnn_give_stride_keyed_features():
+    images, _ = tiny_batch(1, 64)
+    with torch.no_grad():
+        swin = fpn_features(build_detector("retinanet_swin_t", 3, min_size=64, max_size=64).eval(), images)
+        mask = fpn_features(tiny_detector("maskrcnn_r18").eval(), images)
+    assert sorted(swin) == [8, 16, 32, 64, 128] and swin[8].shape == (1, 256, 8, 8)
+    assert sorted(mask) == [4, 8, 16, 32, 64] and mask[4].shape == (1, 16, 16, 16)
+    assert sorted(mtpd.build_adapters(mask, swin)) == ["16", "32", "64", "8"]  # paired by stride
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError, match="retinanet_r18"):
+        build_detector("retinanet_vgg", 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pipelines
+# ---------------------------------------------------------------------------------------------------------
+def test_train_loop_changes_weights_and_is_deterministic(shapes):
+    root, _ = shapes
+    results = []
+    for _ in range(2):
+        loader, _ = train.loaders(root, 4, seed=1, masks=False)
+        torch.manual_seed(0)
+        model = tiny_detector()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        teacher = tiny_detector("retinanet_r34")
+        train.train_loop(model, loader, 3, 1e-3, torch.device("cpu"), seed=5, teachers=[teacher])
+        results.append(model.state_dict())
+    assert any(not torch.equal(before[k], results[0][k]) for k in before)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in before)
+
+
+def run_cli(*argv, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_reproduce_tiny_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("reproduce", "--preset", "tiny", "--out", str(out), cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(out / "results.json"))
+    names = ["ots"] + [lab for lab, *_ in train.PRESETS["tiny"]["pool"]]
+    assert sorted(res["cost"]) == sorted(names)
+    assert all(res["cost"][a][b] >= 0 for a in names for b in names if a != b)
+    assert res["order"] and set(res["order"]) <= set(names[1:])
+    for run in ("ots", "long", "direct", "ensemble", "mtpd"):
+        m = res["runs"][run]
+        assert set(m) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"} and 0 <= m["AP"] <= 1
+    assert res["runs"]["long"] != res["runs"]["ots"]  # it trained further
+    assert json.load(open(out / "order.json"))["order"] == res["order"]
+    # the exported student is a plain state_dict that loads strictly into build_detector
+    spec = json.load(open(out / "student_spec.json"))
+    sd = torch.load(out / "student.pt", weights_only=True)
+    model = train.build(spec)
+    model.load_state_dict(sd, strict=True)
+    assert not any("adapter" in k for k in sd)
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert any(rec["event"] == "done" for rec in log)
+    # a second run reuses the folder: no checkpoint is rewritten, and it prints the same table
+    mtimes = {f: os.path.getmtime(out / "ckpt" / f) for f in os.listdir(out / "ckpt")}
+    r2 = run_cli("reproduce", "--preset", "tiny", "--out", str(out), cwd=str(tmp_path))
+    assert r2.returncode == 0 and mtimes == {f: os.path.getmtime(out / "ckpt" / f) for f in os.listdir(out / "ckpt")}
+    assert r.stdout.split("run ")[-1].split("wall")[0] == r2.stdout.split("run ")[-1].split("wall")[0]
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    r = run_cli("train", "--model", "retinanet_vgg", "--out", str(tmp_path / "o"), cwd=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "retinanet_r18" in r.stderr
+    r = run_cli("train", "--model", "retinanet_r18", "--data", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no COCO-format data" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("order", "--cost", str(tmp_path / "none.json"), "--student", "s", "--k", "0")
+    assert r.returncode == 2 and "--k" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "data").exists()

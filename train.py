@@ -1,0 +1,482 @@
+"""mtpd command line: train, eval, cost, order, distill, reproduce. All configuration lives in this file.
+
+    python train.py                      # = reproduce --preset default: the whole method on built-in data
+    python train.py reproduce --preset tiny --out runs/tiny
+    python train.py train --model retinanet_r18 --scale 0.5 --out runs/r18
+    python train.py cost --ckpts a.pt b.pt c.pt --out cost.json
+    python train.py order --cost cost.json --student a --k 3
+    python train.py distill --student a.pt --teachers b.pt c.pt --out runs/distill
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import mtpd
+from models import ZOO, build_detector, fpn_features
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets for `reproduce`. A pool entry is (label, model name, input scale, extra build kwargs).
+# Measured on 2 CPU cores (see README): tiny ~2 min, default <= 30 min.
+# ---------------------------------------------------------------------------------------------------------
+SMALL = dict(fpn_channels=128, head_convs=2)  # a light RetinaNet: at 128 px its head dominates the step
+PRESETS = {
+    "tiny": dict(n_train=48, n_val=24, size=64, batch=8, lr=1e-3, lam=1.0, k=3, cost_images=16,
+                 student=("student", "retinanet_r18", 0.5, SMALL), student_steps=30, stage_steps=12,
+                 pool=[("r18@1x", "retinanet_r18", 1.0, SMALL, 30),
+                       ("r34@1x", "retinanet_r34", 1.0, SMALL, 30)]),
+    "default": dict(n_train=800, n_val=200, size=128, batch=8, lr=1e-3, lam=1.0, k=3, cost_images=64,
+                    student=("student", "retinanet_r18", 0.5, SMALL), student_steps=800, stage_steps=300,
+                    pool=[("r18@0.75x", "retinanet_r18", 0.75, SMALL, 800),
+                          ("r18@1x", "retinanet_r18", 1.0, SMALL, 800),
+                          ("r50@1x", "retinanet_r50", 1.0, dict(SMALL, zero_init_residual=True), 800)]),
+    # Needs a GPU: a two-stage teacher and a Swin teacher, which a CPU cannot train well in minutes.
+    "gpu": dict(n_train=8000, n_val=500, size=256, batch=16, lr=1e-3, lam=1.0, k=3, cost_images=256,
+                student=("student", "retinanet_r18", 0.5, {}), student_steps=10000, stage_steps=5000,
+                pool=[("r18@1x", "retinanet_r18", 1.0, {}, 10000),
+                      ("r50@1x", "retinanet_r50", 1.0, dict(zero_init_residual=True), 15000),
+                      ("maskrcnn_r50@1x", "maskrcnn_r50", 1.0, dict(zero_init_residual=True), 15000),
+                      ("swin_t@1x", "retinanet_swin_t", 1.0, {}, 20000)]),
+}
+
+
+def fail(msg):
+    """A clear one-line error for bad input: no traceback, exit code 2."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data, models and checkpoints.
+# ---------------------------------------------------------------------------------------------------------
+def dataset_root(args):
+    """--data, or the embedded shapes benchmark (generated once, next to the runs)."""
+    if args.data:
+        if not os.path.isfile(os.path.join(args.data, "annotations", "instances_train2017.json")):
+            fail(f"no COCO-format data at {args.data}: expected annotations/instances_train2017.json "
+                 "and train2017/ (or leave out --data to use the built-in shapes benchmark)")
+        return args.data
+    p = PRESETS[getattr(args, "preset", None) or "default"]
+    root = os.path.join("data", f"shapes{p['size']}_{p['n_train']}")
+    if not os.path.isfile(os.path.join(root, "annotations", "instances_val2017.json")):
+        stats = data.make_shapes(root, p["n_train"], p["n_val"], p["size"], seed=0)
+        print(f"wrote the shapes benchmark to {root}: {json.dumps(stats)}")
+    return root
+
+
+def loaders(root, batch, seed, masks, workers=0):
+    train = data.CocoDetection(root, "train", flip=True, masks=masks)
+    val = data.CocoDetection(root, "val", masks=False)
+    if len(train) == 0 or len(val) == 0:
+        fail(f"{root} has an empty split ({len(train)} train, {len(val)} val images)")
+    g = torch.Generator().manual_seed(seed)
+    pin = torch.cuda.is_available()
+    return (torch.utils.data.DataLoader(train, batch, shuffle=True, drop_last=len(train) >= batch,
+                                        collate_fn=data.collate, generator=g, num_workers=workers,
+                                        pin_memory=pin),
+            torch.utils.data.DataLoader(val, batch, collate_fn=data.collate, num_workers=workers))
+
+
+def make_spec(label, name, scale, size, category_ids, **kw):
+    """Everything needed to rebuild a model from its checkpoint alone."""
+    return dict(label=label, name=name, num_classes=len(category_ids) + 1, scale=scale, min_size=size,
+                max_size=size, anchor_base=size // 8, category_ids=list(category_ids), **kw)
+
+
+def build(spec):
+    kw = {k: v for k, v in spec.items() if k not in ("label", "category_ids")}
+    return build_detector(**kw)
+
+
+def save(path, obj):
+    """Atomic write: temp file in the same folder, fsync, rename. A crash leaves the old file intact."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f) if not isinstance(obj, (str, bytes)) else f.write(obj.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_json(path, obj):
+    save(path, json.dumps(obj, indent=1))
+
+
+def load(path, device="cpu"):
+    """Checkpoint -> (model, spec, metrics). Read with weights_only=True: a file carrying code is refused."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        model = build(ck["spec"])
+        model.load_state_dict(ck["model"])
+    except Exception as e:  # corrupt, truncated, pickled code, or weights that do not match the spec
+        fail(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]}")
+    return model.to(device), ck["spec"], ck.get("metrics", {})
+
+
+def save_ckpt(path, model, spec, metrics, **extra):
+    save(path, dict(model=model.state_dict(), spec=spec, metrics=metrics, **extra))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: one loop for plain training, a progressive stage (one teacher) and the ensemble (several).
+# ---------------------------------------------------------------------------------------------------------
+def lr_at(step, steps, warmup=50):
+    """Linear warm-up, constant, then x0.1 for the last 15%: from scratch, decaying early hurts (METHOD §6)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 if step >= 0.85 * steps else 1.0
+
+
+def cycle(loader):
+    while True:
+        yield from loader
+
+
+def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, desc="train", log=None):
+    """Train `model` for `steps` iterations with a fresh AdamW and LR schedule (a fresh optimiser per
+    stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added.
+    Returns the mean detection loss over the last 20% of steps (§3.5 compares it with validation AP)."""
+    torch.manual_seed(seed)
+    loader.generator.manual_seed(seed)
+    model.to(device).train()
+    feats, hook = mtpd.capture_features(model.backbone)
+    teachers = [mtpd.freeze(t.to(device)) for t in teachers]
+    adapters = []
+    if teachers:  # adapter kinds from one batch of shapes; fresh for this stage
+        images, _ = next(iter(loader))
+        images = [im.to(device) for im in images]
+        with torch.no_grad():
+            model.eval()
+            fs = fpn_features(model, images)
+            adapters = [mtpd.build_adapters(fs, fpn_features(t, images)).to(device) for t in teachers]
+            model.train()
+    params = list(model.parameters()) + [p for a in adapters for p in a.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps))
+    tail, bar = [], tqdm(range(steps), desc=desc, leave=False, mininterval=1.0)
+    batches = cycle(loader)
+    for step in bar:
+        images, targets = next(batches)
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]
+        losses = mtpd.distill_losses(model, images, targets, feats, teachers, adapters, fpn_features, lam)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 35.0)  # the official recipe's max-norm
+        opt.step()
+        sched.step()
+        if step % 10 == 0 or step == steps - 1:  # read values (a host sync) only at log intervals
+            vals = {k: v.item() for k, v in losses.items()}
+            if not all(math.isfinite(v) for v in vals.values()):
+                hook.remove()
+                fail(f"non-finite loss at step {step} of {desc}: {vals}")
+            bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in vals.items()})
+            if step >= 0.8 * steps:
+                tail.append(sum(v for k, v in vals.items() if k != "distill"))
+    hook.remove()
+    det = sum(tail) / max(len(tail), 1)
+    if log:
+        log({"event": "trained", "desc": desc, "steps": steps, "train_det_loss": det})
+    return det
+
+
+def check_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def jsonl(path):
+    def log(rec):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 1), **rec}) + "\n")
+    return log
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adaptation costs and BGS over checkpoints (§3.2).
+# ---------------------------------------------------------------------------------------------------------
+def cost_matrix(models, loader, n_images, device):
+    """d(a -> b) for every ordered pair of frozen `models` ({label: model}); the first half of the first
+    `n_images` images fits the linear maps, the second half is held out. One forward per model per batch."""
+    for m in models.values():
+        mtpd.freeze(m.to(device))
+
+    def batches():
+        seen = 0
+        with torch.no_grad():
+            for images, _ in tqdm(loader, desc="cost", leave=False):
+                if seen >= n_images:
+                    return
+                split = "fit" if seen < n_images // 2 else "held"
+                images = [im.to(device) for im in images]
+                yield split, {k: {s: f.float().cpu() for s, f in fpn_features(m, images).items()}
+                              for k, m in models.items()}
+                seen += len(images)
+
+    return mtpd.adaptation_costs(batches())
+
+
+def teacher_order(cost, student, ap, k):
+    try:
+        return mtpd.backward_greedy_selection(cost, student, ap, k)
+    except (KeyError, ValueError) as e:
+        fail(f"cannot order the teachers: {e} (is every model in the cost file?)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reproduce: pool -> cost -> BGS -> MTPD and its baselines at equal budget -> table.
+# ---------------------------------------------------------------------------------------------------------
+COLS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def table(rows):
+    lines = [f"{'run':12s}" + "".join(f"{c:>7s}" for c in COLS)]
+    for name, m in rows.items():
+        lines.append(f"{name:12s}" + "".join(f"{100 * m[c]:7.1f}" for c in COLS))
+    return "\n".join(lines)
+
+
+def cmd_reproduce(args):
+    p = PRESETS[args.preset]
+    device = check_device(args.device)
+    out = args.out or os.path.join("runs", args.preset)
+    t0 = time.time()
+    root = dataset_root(args)
+    log = jsonl(os.path.join(out, "log.jsonl"))
+    train_loader, val_loader = loaders(root, p["batch"], args.seed, masks=False)
+    cats = train_loader.dataset.category_ids
+
+    def ready(label, spec_args, steps, init=None, teachers=()):
+        """Train (or reuse) one model, evaluate it, cache both in the run folder."""
+        path = os.path.join(out, "ckpt", f"{label}.pt")
+        if os.path.isfile(path):
+            return load(path, device)[0:3:2]
+        if init is None:
+            model = build(make_spec(label, *spec_args[1:3], p["size"], cats, **spec_args[3]))
+        else:
+            model, _, _ = load(init, device)
+        spec = make_spec(label, *spec_args[1:3], p["size"], cats, **spec_args[3])
+        det = train_loop(model, train_loader, steps, p["lr"], device, args.seed + sum(map(ord, label)),
+                         [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log)
+        metrics = data.evaluate(model, val_loader, device)
+        metrics["train_det_loss"] = det
+        save_ckpt(path, model, spec, metrics)
+        log({"event": "eval", "model": label, **metrics})
+        print(f"{label:24s} AP {100 * metrics['AP']:5.1f}  ({(time.time() - t0) / 60:.1f} min)")
+        return model, metrics
+
+    # 1. the pool and the off-the-shelf student, trained from scratch
+    s = p["student"]
+    ckpt = lambda label: os.path.join(out, "ckpt", f"{label}.pt")  # noqa: E731
+    _, ots = ready("ots", s, p["student_steps"])
+    pool = {lab: ready(lab, (lab, name, sc, kw), steps)[1] for lab, name, sc, kw, steps in p["pool"]}
+    weak = [lab for lab, m in pool.items() if m["AP"] <= ots["AP"]]
+    if weak:
+        print(f"note: teachers {weak} do not beat the student's AP {ots['AP']:.3f}; kept as candidates")
+    # 2. adaptation costs and BGS
+    cost_path = os.path.join(out, "cost.json")
+    if os.path.isfile(cost_path):
+        cost = json.load(open(cost_path))["cost"]
+    else:
+        models = {"ots": load(ckpt("ots"))[0], **{lab: load(ckpt(lab))[0] for lab in pool}}
+        cost = cost_matrix(models, train_loader, p["cost_images"], device)
+        save_json(cost_path, {"cost": cost, "ap": {"ots": ots["AP"], **{k: v["AP"] for k, v in pool.items()}}})
+    order = teacher_order(cost, "ots", {k: v["AP"] for k, v in pool.items()}, p["k"])
+    save_json(os.path.join(out, "order.json"), {"student": "ots", "order": order})
+    print(f"BGS order: {' -> '.join(order)}")
+    # 3. MTPD and the baselines, all at a budget of len(order) stages
+    budget = p["stage_steps"] * len(order)
+    runs = {"ots": ots}
+    runs["long"] = ready("long", s, budget, init=ckpt("ots"))[1]
+    runs["direct"] = ready("direct", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])])[1]
+    runs["ensemble"] = ready("ensemble", s, budget, init=ckpt("ots"), teachers=[ckpt(t) for t in order])[1]
+    prev, stages = ckpt("ots"), []
+    for i, t in enumerate(order):  # the progressive schedule (§3.2), each stage from the last one's weights
+        label = f"mtpd_stage{i + 1}"
+        stages.append({"teacher": t, **ready(label, s, p["stage_steps"], init=prev, teachers=[ckpt(t)])[1]})
+        prev = ckpt(label)
+    runs["mtpd"] = {k: v for k, v in stages[-1].items() if k != "teacher"}
+    model, spec, _ = load(prev)
+    save(os.path.join(out, "student.pt"), model.state_dict())  # plain state_dict, no adapters
+    save_json(os.path.join(out, "student_spec.json"), spec)
+    results = {"preset": args.preset, "seed": args.seed, "cost": cost, "order": order,
+               "teachers": pool, "stages": stages, "runs": runs, "budget_steps": budget,
+               "wall_minutes": round((time.time() - t0) / 60, 2)}
+    save_json(os.path.join(out, "results.json"), results)
+    log({"event": "done", "wall_minutes": results["wall_minutes"]})
+    print("\nadaptation cost d(row -> column), fraction of the column's variance not explained:")
+    names = list(cost)
+    print(" " * 12 + "".join(f"{n[:10]:>11s}" for n in names))
+    for a in names:
+        print(f"{a[:12]:12s}" + "".join(f"{cost[a].get(b, 0.0):11.3f}" for b in names))
+    print(f"\nteachers: " + ", ".join(f"{k} AP {100 * v['AP']:.1f}" for k, v in pool.items()))
+    print(f"order: {' -> '.join(order)}; budget {budget} steps after OTS for each row below\n")
+    print(table(runs))
+    print(f"\nwall time {results['wall_minutes']:.1f} min; everything is in {out}/")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The other subcommands.
+# ---------------------------------------------------------------------------------------------------------
+def cmd_train(args):
+    if args.model not in ZOO:
+        fail(f"unknown model '{args.model}'; known models: {', '.join(ZOO)}")
+    device = check_device(args.device)
+    root = dataset_root(args)
+    train_loader, val_loader = loaders(root, args.batch, args.seed, masks=args.model.startswith("maskrcnn"))
+    size = max(train_loader.dataset.coco.imgs[i]["height"] for i in train_loader.dataset.ids)
+    spec = make_spec(args.model, args.model, args.scale, args.min_size or size, train_loader.dataset.category_ids)
+    model = build(spec)
+    steps = args.epochs * len(train_loader)
+    det = train_loop(model, train_loader, steps, args.lr, device, args.seed, desc=args.model)
+    metrics = {**data.evaluate(model, val_loader, device), "train_det_loss": det}
+    save_ckpt(os.path.join(args.out, "model.pt"), model, spec, metrics)
+    print(table({args.model: metrics}))
+
+
+def cmd_eval(args):
+    device = check_device(args.device)
+    model, spec, _ = load(args.ckpt, device)
+    root = dataset_root(args)
+    _, val_loader = loaders(root, args.batch, 0, masks=False)
+    metrics = data.evaluate(model, val_loader, device, progress=True)
+    print(table({spec["label"]: metrics}))
+    if "mask_AP" in metrics:
+        print(table({spec["label"] + " mask": {c: metrics["mask_" + c] for c in COLS}}))
+
+
+def cmd_cost(args):
+    device = check_device(args.device)
+    loaded = [load(c, device) for c in args.ckpts]
+    root = dataset_root(args)
+    train_loader, _ = loaders(root, args.batch, 0, masks=False)
+    models = {spec["label"]: m for m, spec, _ in loaded}
+    cost = cost_matrix(models, train_loader, args.images, device)
+    save_json(args.out, {"cost": cost, "ap": {spec["label"]: met.get("AP") for _, spec, met in loaded}})
+    print(json.dumps(cost, indent=1))
+
+
+def cmd_order(args):
+    if args.k < 1:
+        fail(f"--k must be at least 1, got {args.k}")
+    try:
+        f = json.load(open(args.cost))
+    except (OSError, ValueError) as e:
+        fail(f"cannot read cost file {args.cost}: {e}")
+    ap = {n: a for n, a in f["ap"].items() if n != args.student}
+    print(" -> ".join(teacher_order(f["cost"], args.student, ap, args.k)))
+
+
+def cmd_distill(args):
+    device = check_device(args.device)
+    student, sspec, _ = load(args.student, device)
+    teachers = {}
+    for path in args.teachers:
+        m, spec, met = load(path, device)
+        teachers[spec["label"]] = (path, m, met)
+    root = dataset_root(args)
+    train_loader, val_loader = loaders(root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
+    log = jsonl(os.path.join(args.out, "log.jsonl"))
+    if args.keep_order:
+        order = list(teachers)
+    else:
+        ap = {k: met.get("AP") if met.get("AP") is not None else data.evaluate(m, val_loader, device)["AP"]
+              for k, (_, m, met) in teachers.items()}
+        cost = cost_matrix({sspec["label"]: student, **{k: v[1] for k, v in teachers.items()}},
+                           train_loader, args.images, device)
+        save_json(os.path.join(args.out, "cost.json"), {"cost": cost, "ap": ap})
+        order = teacher_order(cost, sspec["label"], ap, args.k)
+    print(f"order: {' -> '.join(order)}")
+    save_json(os.path.join(args.out, "order.json"), {"student": sspec["label"], "order": order})
+
+    def run_stage(model, stage_teachers, i):
+        det = train_loop(model, train_loader, args.steps, args.lr, device, args.seed + i, stage_teachers,
+                         args.lam, desc=f"stage {i + 1}", log=log)
+        metrics = {**data.evaluate(model, val_loader, device), "train_det_loss": det}
+        save_ckpt(os.path.join(args.out, f"stage{i + 1}.pt"), model, sspec, metrics)
+        log({"event": "stage", "stage": i + 1, "teacher": order[i], **metrics})
+        print(f"stage {i + 1} ({order[i]}): AP {100 * metrics['AP']:.1f}")
+        return metrics
+
+    mtpd.progressive_distillation(student, [teachers[t][1] for t in order], run_stage)
+    save(os.path.join(args.out, "student.pt"), student.state_dict())
+    save_json(os.path.join(args.out, "student_spec.json"), sspec)
+
+
+def get_args_parser():
+    ap = argparse.ArgumentParser(description="Multi-Teacher Progressive Distillation for torchvision detectors")
+    sub = ap.add_subparsers(dest="cmd")
+
+    def common(p, data_arg=True):
+        if data_arg:
+            p.add_argument("--data", help="COCO-format root (default: the built-in shapes benchmark)")
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+        p.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are deterministic)")
+        p.add_argument("--batch", type=int, default=8, help="images per batch")
+
+    p = sub.add_parser("train", help="train one detector from scratch")
+    common(p)
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(ZOO)}")
+    p.add_argument("--scale", type=float, default=1.0, help="input resolution factor (0.25..1)")
+    p.add_argument("--min-size", type=int, default=0, help="base input size (default: the images' size)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--out", required=True, help="output folder (model.pt)")
+    p = sub.add_parser("eval", help="COCO box (and mask) AP of a checkpoint")
+    common(p)
+    p.add_argument("--ckpt", required=True, help="checkpoint file")
+    p = sub.add_parser("cost", help="adaptation-cost matrix between checkpoints (§3.2)")
+    common(p)
+    p.add_argument("--ckpts", nargs="+", required=True, help="two or more checkpoints")
+    p.add_argument("--images", type=int, default=64, help="training images used (half fit, half held out)")
+    p.add_argument("--out", required=True, help="output JSON file")
+    p = sub.add_parser("order", help="teacher order by Backward Greedy Selection (Alg. 1)")
+    p.add_argument("--cost", required=True, help="cost JSON written by `cost`")
+    p.add_argument("--student", required=True, help="the student's name in the cost file")
+    p.add_argument("--k", type=int, default=3, help="at most this many teachers")
+    p = sub.add_parser("distill", help="progressive distillation of a student from teacher checkpoints")
+    common(p)
+    p.add_argument("--student", required=True, help="student checkpoint (the off-the-shelf student)")
+    p.add_argument("--teachers", nargs="+", required=True, help="teacher checkpoints")
+    p.add_argument("--k", type=int, default=3, help="at most this many teachers")
+    p.add_argument("--keep-order", action="store_true", help="use the teachers in the given order, no BGS")
+    p.add_argument("--steps", type=int, default=300, help="iterations per stage")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the feature loss")
+    p.add_argument("--images", type=int, default=64, help="images for the adaptation costs")
+    p.add_argument("--out", required=True, help="output folder")
+    p = sub.add_parser("reproduce", help="the whole method and its baselines on the built-in benchmark")
+    common(p, data_arg=False)
+    p.add_argument("--preset", default="default", choices=list(PRESETS), help="size of the run")
+    p.add_argument("--out", help="run folder (default runs/<preset>)")
+    return ap
+
+
+def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
+    args = get_args_parser().parse_args(argv)
+    if args.cmd is None:
+        args = get_args_parser().parse_args(["reproduce"] + (argv or []))
+    if getattr(args, "k", 1) < 1:
+        fail(f"--k must be at least 1, got {args.k}")
+    args.data = getattr(args, "data", None)
+    return {"train": cmd_train, "eval": cmd_eval, "cost": cmd_cost, "order": cmd_order,
+            "distill": cmd_distill, "reproduce": cmd_reproduce}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
