@@ -33,9 +33,9 @@ PRESETS = {
                        ("r34@1x", "retinanet_r34", 1.0, SMALL, 30)]),
     "default": dict(n_train=800, n_val=200, size=128, batch=8, lr=1e-3, lam=1.0, k=3, cost_images=64,
                     student=("student", "retinanet_r18", 0.5, SMALL), student_steps=800, stage_steps=300,
-                    pool=[("r18@0.75x", "retinanet_r18", 0.75, SMALL, 800),
-                          ("r18@1x", "retinanet_r18", 1.0, SMALL, 800),
-                          ("r50@1x", "retinanet_r50", 1.0, dict(SMALL, zero_init_residual=True), 800)]),
+                    pool=[("r18@0.75x", "retinanet_r18", 0.75, SMALL, 1000),
+                          ("r18@1x", "retinanet_r18", 1.0, SMALL, 1000),
+                          ("r50@1x", "retinanet_r50", 1.0, dict(SMALL, zero_init_residual=True), 600)]),
     # Needs a GPU: a two-stage teacher and a Swin teacher, which a CPU cannot train well in minutes.
     "gpu": dict(n_train=8000, n_val=500, size=256, batch=16, lr=1e-3, lam=1.0, k=3, cost_images=256,
                 student=("student", "retinanet_r18", 0.5, {}), student_steps=10000, stage_steps=5000,
@@ -259,30 +259,29 @@ def cmd_reproduce(args):
     train_loader, val_loader = loaders(root, p["batch"], args.seed, masks=False)
     cats = train_loader.dataset.category_ids
 
-    def ready(label, spec_args, steps, init=None, teachers=()):
-        """Train (or reuse) one model, evaluate it, cache both in the run folder."""
-        path = os.path.join(out, "ckpt", f"{label}.pt")
-        if os.path.isfile(path):
-            return load(path, device)[0:3:2]
-        if init is None:
-            model = build(make_spec(label, *spec_args[1:3], p["size"], cats, **spec_args[3]))
-        else:
-            model, _, _ = load(init, device)
-        spec = make_spec(label, *spec_args[1:3], p["size"], cats, **spec_args[3])
+    def ckpt(label):
+        return os.path.join(out, "ckpt", f"{label}.pt")
+
+    def ready(label, model_args, steps, init=None, teachers=()):
+        """Train (or reuse) one model and evaluate it; both are cached in the run folder.
+        model_args = (label, name, scale, build kwargs); init: start from that checkpoint's weights."""
+        if os.path.isfile(ckpt(label)):
+            return load(ckpt(label), device)[2]
+        _, name, scale, kw = model_args
+        spec = make_spec(label, name, scale, p["size"], cats, **kw)
+        model = build(spec) if init is None else load(init, device)[0]
         det = train_loop(model, train_loader, steps, p["lr"], device, args.seed + sum(map(ord, label)),
                          [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log)
-        metrics = data.evaluate(model, val_loader, device)
-        metrics["train_det_loss"] = det
-        save_ckpt(path, model, spec, metrics)
+        metrics = {**data.evaluate(model, val_loader, device), "train_det_loss": det}
+        save_ckpt(ckpt(label), model, spec, metrics)
         log({"event": "eval", "model": label, **metrics})
-        print(f"{label:24s} AP {100 * metrics['AP']:5.1f}  ({(time.time() - t0) / 60:.1f} min)")
-        return model, metrics
+        print(f"{label:16s} AP {100 * metrics['AP']:5.1f}   ({(time.time() - t0) / 60:.1f} min)")
+        return metrics
 
     # 1. the pool and the off-the-shelf student, trained from scratch
     s = p["student"]
-    ckpt = lambda label: os.path.join(out, "ckpt", f"{label}.pt")  # noqa: E731
-    _, ots = ready("ots", s, p["student_steps"])
-    pool = {lab: ready(lab, (lab, name, sc, kw), steps)[1] for lab, name, sc, kw, steps in p["pool"]}
+    ots = ready("ots", s, p["student_steps"])
+    pool = {lab: ready(lab, (lab, name, sc, kw), steps) for lab, name, sc, kw, steps in p["pool"]}
     weak = [lab for lab, m in pool.items() if m["AP"] <= ots["AP"]]
     if weak:
         print(f"note: teachers {weak} do not beat the student's AP {ots['AP']:.3f}; kept as candidates")
@@ -300,13 +299,13 @@ def cmd_reproduce(args):
     # 3. MTPD and the baselines, all at a budget of len(order) stages
     budget = p["stage_steps"] * len(order)
     runs = {"ots": ots}
-    runs["long"] = ready("long", s, budget, init=ckpt("ots"))[1]
-    runs["direct"] = ready("direct", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])])[1]
-    runs["ensemble"] = ready("ensemble", s, budget, init=ckpt("ots"), teachers=[ckpt(t) for t in order])[1]
+    runs["long"] = ready("long", s, budget, init=ckpt("ots"))
+    runs["direct"] = ready("direct", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])])
+    runs["ensemble"] = ready("ensemble", s, budget, init=ckpt("ots"), teachers=[ckpt(t) for t in order])
     prev, stages = ckpt("ots"), []
     for i, t in enumerate(order):  # the progressive schedule (§3.2), each stage from the last one's weights
         label = f"mtpd_stage{i + 1}"
-        stages.append({"teacher": t, **ready(label, s, p["stage_steps"], init=prev, teachers=[ckpt(t)])[1]})
+        stages.append({"teacher": t, **ready(label, s, p["stage_steps"], init=prev, teachers=[ckpt(t)])})
         prev = ckpt(label)
     runs["mtpd"] = {k: v for k, v in stages[-1].items() if k != "teacher"}
     model, spec, _ = load(prev)
