@@ -26,9 +26,9 @@ from pycocotools.cocoeval import COCOeval
 # (a few pixels at low resolution) leave a higher-resolution or bigger teacher something to transfer.
 # Category ids are deliberately not 1..K (like COCO's).
 SHAPES = {"circle": 1, "triangle": 2, "square": 5, "star": 8, "cross": 9}
-# Object sizes (bounding-box side, px) are drawn from three bands so that COCO's small (< 32^2),
-# medium and large (> 96^2) area buckets are all populated even at 128 px.
-# Bands are circumcircle diameters; large shapes may extend past the border (clipped, as in real photos).
+# Object sizes (circumcircle diameters, px) are drawn from three bands so that COCO's small (< 32^2),
+# medium and large (> 96^2) area buckets are all populated even at 128 px; large shapes may extend past
+# the border (clipped, as in real photos).
 SIZE_BANDS = [(0.45, 10, 36), (0.40, 40, 100), (0.15, 130, 180)]
 
 
