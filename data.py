@@ -21,15 +21,18 @@ from pycocotools.cocoeval import COCOeval
 # ---------------------------------------------------------------------------------------------------------
 # The embedded benchmark: shapes on cluttered, noisy backgrounds.
 # ---------------------------------------------------------------------------------------------------------
-# Classes differ by outline and by a typical hue (jittered, with random brightness, over backgrounds of any
-# colour); from scratch on a CPU budget the hue is what makes classes learnable at all, while small objects
-# (a few pixels at low resolution) leave a higher-resolution or bigger teacher something to transfer.
+# Classes differ by outline and by a typical hue (jittered, with random saturation and brightness). The
+# background and its clutter (soft blobs, thin lines) are weakly saturated, so that from scratch on a CPU
+# budget a detector can learn what an object is at all; small objects (a few pixels at low resolution) and
+# partial occlusion leave a higher-resolution or bigger teacher something to transfer. (Measured: with
+# saturated backgrounds and unlimited occlusion, RetinaNet-R18 stayed below 5 AP after 1000 steps.)
 # Category ids are deliberately not 1..K (like COCO's).
 SHAPES = {"circle": 1, "triangle": 2, "square": 5, "star": 8, "cross": 9}
 # Object sizes (circumcircle diameters, px) are drawn from three bands so that COCO's small (< 32^2),
 # medium and large (> 96^2) area buckets are all populated even at 128 px; large shapes may extend past
 # the border (clipped, as in real photos).
 SIZE_BANDS = [(0.45, 10, 36), (0.40, 40, 100), (0.15, 130, 180)]
+MAX_COVER = 0.25  # at most this share of an object's box may be hidden: its amodal box stays predictable
 
 
 def _outline(kind, cx, cy, r, rot):
@@ -51,9 +54,9 @@ def _outline(kind, cx, cy, r, rot):
 
 
 def _background(rng, size):
-    """Smooth colour gradient + texture blobs + distractor lines + pixel noise."""
-    base = np.array([rng.randint(0, 255) for _ in range(3)], np.float32)
-    tint = np.array([rng.randint(-80, 80) for _ in range(3)], np.float32)
+    """Smooth weakly-saturated gradient + texture blobs + distractor lines (pixel noise comes last)."""
+    base = np.array(_grey(rng), np.float32)
+    tint = np.array([rng.randint(-40, 40) for _ in range(3)], np.float32)
     yy, xx = np.mgrid[0:size, 0:size] / size
     ang = rng.uniform(0, 2 * math.pi)
     ramp = (math.cos(ang) * xx + math.sin(ang) * yy)[..., None]
@@ -61,17 +64,23 @@ def _background(rng, size):
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(2, 6)):  # soft blobs (clutter, not objects)
         x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(4, size / 4)
-        draw.ellipse([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], fill=_colour(rng))
+        draw.ellipse([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], fill=_grey(rng))
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(1, 3)))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(1, 4)):  # thin distractor lines
         pts = [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)]
-        draw.line(pts, fill=_colour(rng), width=rng.randint(1, 2))
+        draw.line(pts, fill=_grey(rng), width=rng.randint(1, 2))
     return img
 
 
 def _colour(rng):
     return tuple(rng.randint(0, 255) for _ in range(3))
+
+
+def _grey(rng):
+    """A weakly saturated colour for clutter, so that a round blob is not a circle of some class's hue."""
+    v, s = rng.uniform(0.1, 1.0), rng.uniform(0.0, 0.25)
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(rng.random(), s, v))
 
 
 def _class_colour(rng, kind):
@@ -93,14 +102,14 @@ def _make_image(rng, size, max_objects):
     sides = sorted((rng.uniform(lo, hi) for _, lo, hi in bands), reverse=True)  # big first: small on top
     for side in sides:
         kind = rng.choice(list(SHAPES))
-        for _ in range(20):  # place it; partial overlap allowed, near-duplicates not
+        for _ in range(20):  # place it; partial occlusion allowed (MAX_COVER)
             r = side / 2
             lo = min(r, 0.35 * size)
             cx, cy = rng.uniform(lo, size - lo), rng.uniform(lo, size - lo)
             pts = _clip(_outline(kind, cx, cy, r, rng.uniform(0, 2 * math.pi)), size)
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             box = [min(xs), min(ys), max(xs), max(ys)]
-            if all(_iou(box, b) < 0.4 for b in boxes):
+            if all(_covered(box, b) <= MAX_COVER for b in boxes):
                 break
         else:
             continue
@@ -127,12 +136,12 @@ def _clip(pts, size):
     return pts
 
 
-def _iou(a, b):
+def _covered(a, b):
+    """The share of the smaller of boxes a, b that their intersection covers."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / max(union, 1e-9)
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / max(smaller, 1e-9)
 
 
 def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, progress=True):

@@ -31,13 +31,13 @@ PRESETS = {
                  student=("student", "retinanet_r18", 0.5, SMALL), student_steps=30, stage_steps=12,
                  pool=[("r18@1x", "retinanet_r18", 1.0, SMALL, 30),
                        ("r34@1x", "retinanet_r34", 1.0, SMALL, 30)]),
-    "default": dict(n_train=800, n_val=200, size=128, batch=8, lr=1e-3, lam=1.0, k=3, cost_images=64,
+    "default": dict(n_train=800, n_val=200, size=128, batch=8, lr=3e-4, lam=1.0, k=3, cost_images=64,
                     student=("student", "retinanet_r18", 0.5, SMALL), student_steps=800, stage_steps=300,
                     pool=[("r18@0.75x", "retinanet_r18", 0.75, SMALL, 1000),
                           ("r18@1x", "retinanet_r18", 1.0, SMALL, 1000),
                           ("r50@1x", "retinanet_r50", 1.0, dict(SMALL, zero_init_residual=True), 600)]),
     # Needs a GPU: a two-stage teacher and a Swin teacher, which a CPU cannot train well in minutes.
-    "gpu": dict(n_train=8000, n_val=500, size=256, batch=16, lr=1e-3, lam=1.0, k=3, cost_images=256,
+    "gpu": dict(n_train=8000, n_val=500, size=256, batch=16, lr=3e-4, lam=1.0, k=3, cost_images=256,
                 student=("student", "retinanet_r18", 0.5, {}), student_steps=10000, stage_steps=5000,
                 pool=[("r18@1x", "retinanet_r18", 1.0, {}, 10000),
                       ("r50@1x", "retinanet_r50", 1.0, dict(zero_init_residual=True), 15000),
@@ -431,7 +431,7 @@ def get_args_parser():
     p.add_argument("--scale", type=float, default=1.0, help="input resolution factor (0.25..1)")
     p.add_argument("--min-size", type=int, default=0, help="base input size (default: the images' size)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--out", required=True, help="output folder (model.pt)")
     p = sub.add_parser("eval", help="COCO box (and mask) AP of a checkpoint")
     common(p)
@@ -452,7 +452,7 @@ def get_args_parser():
     p.add_argument("--k", type=int, default=3, help="at most this many teachers")
     p.add_argument("--keep-order", action="store_true", help="use the teachers in the given order, no BGS")
     p.add_argument("--steps", type=int, default=300, help="iterations per stage")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the feature loss")
     p.add_argument("--images", type=int, default=64, help="images for the adaptation costs")
     p.add_argument("--out", required=True, help="output folder")
