@@ -274,14 +274,18 @@ def coco_summary(coco_gt, results, iou_type):
     return {k: float(v) for k, v in zip(SUMMARY_KEYS, ev.stats)}
 
 
-def evaluate(model, loader, device, progress=False):
-    """Box AP (and mask AP when the model predicts masks) of `model` on loader.dataset (a CocoDetection).
+def score(coco_gt, bbox, segm=()):
+    """Box AP (and mask AP when there are mask results) of COCO-format results against `coco_gt`.
 
     Returns {AP, AP50, AP75, APs, APm, APl, AR...} for bbox, plus the same with a 'mask_' prefix for segm.
     """
-    ds = loader.dataset
-    bbox, segm = predict(model, loader, ds.category_ids, device, progress)
-    out = coco_summary(ds.coco, bbox, "bbox")
+    out = coco_summary(coco_gt, bbox, "bbox")
     if segm:
-        out.update({f"mask_{k}": v for k, v in coco_summary(ds.coco, segm, "segm").items()})
+        out.update({f"mask_{k}": v for k, v in coco_summary(coco_gt, segm, "segm").items()})
     return out
+
+
+def evaluate(model, loader, device, progress=False):
+    """score() of `model`'s detections on loader.dataset (a CocoDetection)."""
+    ds = loader.dataset
+    return score(ds.coco, *predict(model, loader, ds.category_ids, device, progress))

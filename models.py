@@ -11,7 +11,6 @@ From scratch (no weights) every BatchNorm is a trainable `nn.BatchNorm2d` and ev
 """
 from collections import OrderedDict
 
-import torch
 from torch import nn
 from torchvision.models import resnet, swin_transformer
 from torchvision.models.detection import MaskRCNN, RetinaNet

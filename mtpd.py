@@ -147,29 +147,53 @@ def _rows(x):
 
 
 def accumulate_moments(moments, split, feats):
-    """Add one batch to the sufficient statistics of every ordered pair (a, b) and common stride.
+    """Add one batch to the sufficient statistics of every ordered pair of models, at every stride.
 
     split: 'fit' or 'held'. feats: {model_name: {stride: [N, C, H, W]}}, one forward of each model on the
-    same images. A's level is resized to B's size (bilinear: still linear), and a column of ones gives the
-    bias. Per (split, a, b, stride) it keeps X'X [Ca+1, Ca+1], X'Y [Ca+1, Cb], sum Y [Cb], sum Y^2, rows.
+    same images. A pair (a, b) compares A's level, resized to B's size (bilinear: still linear), with B's.
+    So for each stride s and each size (h, w) of some model's level s, every model's level is resized to
+    (h, w) and laid side by side with a column of ones: Z = [X_1 | ... | X_M | 1]  [N*h*w, sum C + 1].
+    Its one Gram matrix Z'Z [sum C + 1, sum C + 1] holds X'X, X'Y and the sums of Y for every pair whose
+    target has that size: one matrix product per level instead of one per pair. Stays on the features'
+    device, in float64. moments[(split, s, (h, w), native)] = {"names", "channels", "native", "zz"}.
     """
-    for a, fa in feats.items():
-        for b, fb in feats.items():
-            if a == b:
+    for s in sorted({s for f in feats.values() for s in f}):
+        names = [k for k in feats if s in feats[k]]
+        for size in dict.fromkeys(tuple(feats[k][s].shape[-2:]) for k in names):
+            if len(names) < 2:
                 continue
-            for s in common_strides(fa, fb):
-                xa = fa[s]
-                if xa.shape[-2:] != fb[s].shape[-2:]:
-                    xa = F.interpolate(xa.float(), size=fb[s].shape[-2:], mode="bilinear", align_corners=False)
-                x, y = _rows(xa), _rows(fb[s])
-                x = torch.cat([x, torch.ones_like(x[:, :1])], 1)  # [P, Ca+1]
-                m = moments.setdefault((split, a, b, s), [0.0, 0.0, 0.0, 0.0, 0])
-                m[0] = m[0] + x.T @ x
-                m[1] = m[1] + x.T @ y
-                m[2] = m[2] + y.sum(0)
-                m[3] = m[3] + (y * y).sum()
-                m[4] += y.shape[0]
+            cols = [feats[k][s] if tuple(feats[k][s].shape[-2:]) == size else
+                    F.interpolate(feats[k][s].float(), size=size, mode="bilinear", align_corners=False)
+                    for k in names]
+            z = torch.cat([_rows(c) for c in cols], 1)  # [P, sum C]
+            z = torch.cat([z, torch.ones_like(z[:, :1])], 1)  # [P, sum C + 1]: the bias column last
+            native = tuple(tuple(feats[k][s].shape[-2:]) == size for k in names)  # which are targets here
+            m = moments.setdefault((split, s, size, native), {
+                "names": names, "channels": [c.shape[1] for c in cols], "native": native, "zz": 0.0})
+            m["zz"] = m["zz"] + z.T @ z
     return moments
+
+
+def _pair_stats(moments):
+    """Per (split, a, b, stride): [X'X, X'Y, sum Y, sum Y^2, rows] read off the Gram blocks, summed over
+    sizes (batches of different image sizes give levels of different sizes)."""
+    stats = {}
+    for (split, s, _, _), m in moments.items():
+        zz, last = m["zz"], m["zz"].shape[0] - 1
+        ends = torch.tensor(m["channels"]).cumsum(0).tolist()
+        cols = {k: slice(e - c, e) for k, c, e in zip(m["names"], m["channels"], ends)}
+        for b, native in zip(m["names"], m["native"]):
+            if not native:  # its own-size group holds b as a target
+                continue
+            yb = cols[b]
+            for a in m["names"]:
+                if a == b:
+                    continue
+                xa = list(range(zz.shape[0]))[cols[a]] + [last]  # A's channels and the bias
+                new = [zz[xa][:, xa], zz[xa, yb], zz[last, yb], zz[yb, yb].trace(), zz[last, last]]
+                old = stats.get((split, a, b, s))
+                stats[(split, a, b, s)] = new if old is None else [u + v for u, v in zip(old, new)]
+    return stats
 
 
 def costs_from_moments(moments, ridge=1e-2):
@@ -182,16 +206,16 @@ def costs_from_moments(moments, ridge=1e-2):
     them by pixels, so the coarse levels (a few pixels, easy to overfit) cannot dominate. Dividing by B's
     variance changes no BGS decision, since BGS only compares costs into the same target. -> {a: {b: float}}
     """
-    sums = {}
-    for (split, a, b, s), (xx, xy, _, _, _) in moments.items():
+    stats, sums = _pair_stats(moments), {}
+    for (split, a, b, s), (xx, xy, _, _, _) in stats.items():
         if split != "fit":
             continue
-        if ("held", a, b, s) not in moments:
+        if ("held", a, b, s) not in stats:
             raise ValueError("the held-out split is empty: adaptation costs need held-out features")
-        reg = torch.eye(xx.shape[0], dtype=xx.dtype) * ridge * xx.diagonal()[:-1].mean()
+        reg = torch.eye(xx.shape[0], dtype=xx.dtype, device=xx.device) * ridge * xx.diagonal()[:-1].mean()
         reg[-1, -1] = 0.0
         w = torch.linalg.solve(xx + reg, xy)  # [Ca+1, Cb]
-        hxx, hxy, hsy, hyy, n = moments[("held", a, b, s)]
+        hxx, hxy, hsy, hyy, n = stats[("held", a, b, s)]
         sse = hyy - 2 * (w * hxy).sum() + (w * (hxx @ w)).sum()
         sst = hyy - (hsy * hsy).sum() / n
         acc = sums.setdefault(a, {}).setdefault(b, [0.0, 0.0])

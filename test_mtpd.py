@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import data
+import engine
 import mtpd
 import train
 from models import build_detector, fpn_features
@@ -138,6 +139,21 @@ def test_cost_resizes_across_resolutions():
     cost = mtpd.adaptation_costs([("fit", {"lo": {8: a}, "hi": {8: up}}), ("held", {"lo": {8: a}, "hi": {8: up}})],
                                  ridge=1e-8)
     assert cost["lo"]["hi"] < 1e-6 and cost["hi"]["lo"] > cost["lo"]["hi"]
+
+
+def test_cost_matrix_blocks_equal_pairwise_fits():
+    """One Gram matrix per level and size holds every pair: each entry equals fitting that pair alone,
+    also across resolutions and with batches of different sizes pooled."""
+    def batch(seed, hw):
+        return {"A": {8: _feats(seed, hw=hw)}, "B": {8: _feats(seed + 50, c=3, hw=hw)},
+                "L": {8: _feats(seed + 99, c=5, hw=hw // 2)}}
+    batches = [("fit", batch(1, 8)), ("fit", batch(2, 4)), ("held", batch(3, 8)), ("held", batch(4, 4))]
+    full = mtpd.adaptation_costs(batches)
+    for a in "ABL":
+        for b in "ABL":
+            if a != b:
+                alone = mtpd.adaptation_costs([(sp, {a: f[a], b: f[b]}) for sp, f in batches])
+                assert full[a][b] == pytest.approx(alone[a][b], rel=1e-9)
 
 
 def test_cost_needs_held_out_split():
@@ -303,12 +319,12 @@ def test_train_loop_changes_weights_and_is_deterministic(shapes):
     root, _ = shapes
     results = []
     for _ in range(2):
-        loader, _ = train.loaders(root, 4, seed=1, masks=False)
+        loader, _ = engine.loaders(root, 4, seed=1, masks=False)
         torch.manual_seed(0)
         model = tiny_detector()
         before = {k: v.clone() for k, v in model.state_dict().items()}
         teacher = tiny_detector("retinanet_r34")
-        train.train_loop(model, loader, 3, 1e-3, torch.device("cpu"), seed=5, teachers=[teacher])
+        engine.train_loop(model, loader, 3, 1e-3, torch.device("cpu"), seed=5, teachers=[teacher])
         results.append(model.state_dict())
     assert any(not torch.equal(before[k], results[0][k]) for k in before)
     assert all(torch.equal(results[0][k], results[1][k]) for k in before)
@@ -336,7 +352,7 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     # the exported student is a plain state_dict that loads strictly into build_detector
     spec = json.load(open(out / "student_spec.json"))
     sd = torch.load(out / "student.pt", weights_only=True)
-    model = train.build(spec)
+    model = engine.build(spec)
     model.load_state_dict(sd, strict=True)
     assert not any("adapter" in k for k in sd)
     log = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -356,3 +372,39 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     r = run_cli("order", "--cost", str(tmp_path / "none.json"), "--student", "s", "--k", "0")
     assert r.returncode == 2 and "--k" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "data").exists()
+
+
+def test_torchrun_ddp_two_processes_train_and_evaluate(tmp_path):
+    """2 ranks (gloo, CPU) through one distillation stage: it trains, only rank 0 writes, and the AP it
+    gathers from both ranks' shards equals a single-process evaluation of the saved weights (5 val
+    images: DistributedSampler repeats one, which must be counted once)."""
+    root = str(tmp_path / "shapes")
+    data.make_shapes(root, n_train=8, n_val=5, size=64, seed=4, progress=False)
+    cats = data.CocoDetection(root, "val", masks=False).category_ids
+    for label, name in (("s", "retinanet_r18"), ("t", "retinanet_r34")):
+        spec = engine.make_spec(label, name, 1.0, 64, cats, fpn_channels=16, head_convs=1)
+        torch.manual_seed(0)
+        model = engine.build(spec)
+        if label == "s":  # a student that already detects something, so that the AP comparison means something
+            engine.train_loop(model, engine.loaders(root, 4, 0, masks=False)[0], 40, 2e-3, torch.device("cpu"), 0)
+        engine.save_ckpt(str(tmp_path / f"{label}.pt"), model, spec, {"AP": 0.5})
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, "train.py"), "distill", "--student", str(tmp_path / "s.pt"),
+                        "--teachers", str(tmp_path / "t.pt"), "--keep-order", "--steps", "4", "--batch", "2",
+                        "--data", root, "--out", str(out)], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("stage 1 (t): AP") == 1  # printed by rank 0 only
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    stages = [rec for rec in log if rec["event"] == "stage"]
+    assert len(stages) == 1 and sum(rec["event"] == "trained" for rec in log) == 1  # written once
+    before = torch.load(tmp_path / "s.pt", weights_only=True)["model"]
+    after = torch.load(out / "stage1.pt", weights_only=True)["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    model, _, _ = engine.load(str(out / "stage1.pt"))
+    _, val = engine.loaders(root, 2, 0, masks=False)
+    single = engine.evaluate(model, val, torch.device("cpu"))
+    assert 0 <= stages[0]["AP"] <= 1 and single["AR100"] > 0
+    assert all(stages[0][k] == pytest.approx(single[k], abs=1e-9) for k in data.SUMMARY_KEYS)

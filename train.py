@@ -9,17 +9,17 @@
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 import data
+import engine
 import mtpd
-from models import ZOO, build_detector, fpn_features
+from engine import build, load, make_spec, save, save_ckpt, save_json
+from models import ZOO
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets for `reproduce`. A pool entry is (label, model name, input scale, extra build kwargs).
@@ -46,10 +46,7 @@ PRESETS = {
 }
 
 
-def fail(msg):
-    """A clear one-line error for bad input: no traceback, exit code 2."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+fail = engine.fail  # raises engine.InputError; main() prints it as one line and exits with code 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,171 +61,27 @@ def dataset_root(args):
         return args.data
     p = PRESETS[getattr(args, "preset", None) or "default"]
     root = os.path.join("data", f"shapes{p['size']}_{p['n_train']}")
-    if not os.path.isfile(os.path.join(root, "annotations", "instances_val2017.json")):
+    if engine.is_main() and not os.path.isfile(os.path.join(root, "annotations", "instances_val2017.json")):
         stats = data.make_shapes(root, p["n_train"], p["n_val"], p["size"], seed=0)
         print(f"wrote the shapes benchmark to {root}: {json.dumps(stats)}")
+    engine.barrier()  # under torchrun, rank 0 writes it and the others wait
     return root
 
 
-def loaders(root, batch, seed, masks, workers=0):
-    train = data.CocoDetection(root, "train", flip=True, masks=masks)
-    val = data.CocoDetection(root, "val", masks=False)
-    if len(train) == 0 or len(val) == 0:
-        fail(f"{root} has an empty split ({len(train)} train, {len(val)} val images)")
-    g = torch.Generator().manual_seed(seed)
-    pin = torch.cuda.is_available()
-    return (torch.utils.data.DataLoader(train, batch, shuffle=True, drop_last=len(train) >= batch,
-                                        collate_fn=data.collate, generator=g, num_workers=workers,
-                                        pin_memory=pin),
-            torch.utils.data.DataLoader(val, batch, collate_fn=data.collate, num_workers=workers))
+def fast(args):
+    """The CUDA fast path (bf16 autocast, channels_last; off with --fp32); on a CPU plain float32."""
+    on = args.device == "cuda" and not args.fp32
+    return dict(bf16=on, channels_last=on, compile=args.compile)
 
 
-def make_spec(label, name, scale, size, category_ids, **kw):
-    """Everything needed to rebuild a model from its checkpoint alone."""
-    return dict(label=label, name=name, num_classes=len(category_ids) + 1, scale=scale, min_size=size,
-                max_size=size, anchor_base=size // 8, category_ids=list(category_ids), **kw)
-
-
-def build(spec):
-    kw = {k: v for k, v in spec.items() if k not in ("label", "category_ids")}
-    return build_detector(**kw)
-
-
-def save(path, obj):
-    """Atomic write: temp file in the same folder, fsync, rename. A crash leaves the old file intact."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f) if not isinstance(obj, (str, bytes)) else f.write(obj.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_json(path, obj):
-    save(path, json.dumps(obj, indent=1))
-
-
-def load(path, device="cpu"):
-    """Checkpoint -> (model, spec, metrics). Read with weights_only=True: a file carrying code is refused."""
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        model = build(ck["spec"])
-        model.load_state_dict(ck["model"])
-    except Exception as e:  # corrupt, truncated, pickled code, or weights that do not match the spec
-        fail(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]}")
-    return model.to(device), ck["spec"], ck.get("metrics", {})
-
-
-def save_ckpt(path, model, spec, metrics, **extra):
-    save(path, dict(model=model.state_dict(), spec=spec, metrics=metrics, **extra))
+def loaders(args, root, batch, seed, masks):
+    workers = args.workers if args.workers >= 0 else (4 if args.device == "cuda" else 0)
+    return engine.loaders(root, batch, seed, masks, args.dev, workers)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training: one loop for plain training, a progressive stage (one teacher) and the ensemble (several).
+# BGS over a cost file (§3.2, Alg. 1).
 # ---------------------------------------------------------------------------------------------------------
-def lr_at(step, steps, warmup=50):
-    """Linear warm-up, constant, then x0.1 for the last 15%: from scratch, decaying early hurts (METHOD §6)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 if step >= 0.85 * steps else 1.0
-
-
-def cycle(loader):
-    while True:
-        yield from loader
-
-
-def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, desc="train", log=None):
-    """Train `model` for `steps` iterations with a fresh AdamW and LR schedule (a fresh optimiser per
-    stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added.
-    Returns the mean detection loss over the last 20% of steps (§3.5 compares it with validation AP)."""
-    torch.manual_seed(seed)
-    loader.generator.manual_seed(seed)
-    model.to(device).train()
-    feats, hook = mtpd.capture_features(model.backbone)
-    teachers = [mtpd.freeze(t.to(device)) for t in teachers]
-    adapters = []
-    if teachers:  # adapter kinds from one batch of shapes; fresh for this stage
-        images, _ = next(iter(loader))
-        images = [im.to(device) for im in images]
-        with torch.no_grad():
-            model.eval()
-            fs = fpn_features(model, images)
-            adapters = [mtpd.build_adapters(fs, fpn_features(t, images)).to(device) for t in teachers]
-            model.train()
-    params = list(model.parameters()) + [p for a in adapters for p in a.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps))
-    tail, bar = [], tqdm(range(steps), desc=desc, leave=False, mininterval=1.0)
-    batches = cycle(loader)
-    for step in bar:
-        images, targets = next(batches)
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
-        losses = mtpd.distill_losses(model, images, targets, feats, teachers, adapters, fpn_features, lam)
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 35.0)  # the official recipe's max-norm
-        opt.step()
-        sched.step()
-        if step % 10 == 0 or step == steps - 1:  # read values (a host sync) only at log intervals
-            vals = {k: v.item() for k, v in losses.items()}
-            if not all(math.isfinite(v) for v in vals.values()):
-                hook.remove()
-                fail(f"non-finite loss at step {step} of {desc}: {vals}")
-            bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in vals.items()})
-            if step >= 0.8 * steps:
-                tail.append(sum(v for k, v in vals.items() if k != "distill"))
-    hook.remove()
-    det = sum(tail) / max(len(tail), 1)
-    if log:
-        log({"event": "trained", "desc": desc, "steps": steps, "train_det_loss": det})
-    return det
-
-
-def check_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
-
-
-def jsonl(path):
-    def log(rec):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 1), **rec}) + "\n")
-    return log
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Adaptation costs and BGS over checkpoints (§3.2).
-# ---------------------------------------------------------------------------------------------------------
-def cost_matrix(models, loader, n_images, device):
-    """d(a -> b) for every ordered pair of frozen `models` ({label: model}); the first half of the first
-    `n_images` images fits the linear maps, the second half is held out. One forward per model per batch."""
-    for m in models.values():
-        mtpd.freeze(m.to(device))
-
-    def batches():
-        seen = 0
-        with torch.no_grad():
-            for images, _ in tqdm(loader, desc="cost", leave=False):
-                if seen >= n_images:
-                    return
-                split = "fit" if seen < n_images // 2 else "held"
-                images = [im.to(device) for im in images]
-                yield split, {k: {s: f.float().cpu() for s, f in fpn_features(m, images).items()}
-                              for k, m in models.items()}
-                seen += len(images)
-
-    return mtpd.adaptation_costs(batches())
-
-
 def teacher_order(cost, student, ap, k):
     try:
         return mtpd.backward_greedy_selection(cost, student, ap, k)
@@ -245,18 +98,19 @@ COLS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 def table(rows):
     lines = [f"{'run':12s}" + "".join(f"{c:>7s}" for c in COLS)]
     for name, m in rows.items():
-        lines.append(f"{name:12s}" + "".join(f"{100 * m[c]:7.1f}" for c in COLS))
+        lines.append(f"{name:12s}" + "".join(f"{100 * m[c]:7.1f}" if m[c] >= 0 else f"{'n/a':>7s}"
+                                             for c in COLS))  # COCOeval's -1: no object of that size
     return "\n".join(lines)
 
 
 def cmd_reproduce(args):
     p = PRESETS[args.preset]
-    device = check_device(args.device)
+    device = args.dev
     out = args.out or os.path.join("runs", args.preset)
     t0 = time.time()
     root = dataset_root(args)
-    log = jsonl(os.path.join(out, "log.jsonl"))
-    train_loader, val_loader = loaders(root, p["batch"], args.seed, masks=False)
+    log = engine.jsonl(os.path.join(out, "log.jsonl"))
+    train_loader, val_loader = loaders(args, root, p["batch"], args.seed, masks=False)
     cats = train_loader.dataset.category_ids
 
     def ckpt(label):
@@ -270,9 +124,9 @@ def cmd_reproduce(args):
         _, name, scale, kw = model_args
         spec = make_spec(label, name, scale, p["size"], cats, **kw)
         model = build(spec) if init is None else load(init, device)[0]
-        det = train_loop(model, train_loader, steps, p["lr"], device, args.seed + sum(map(ord, label)),
-                         [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log)
-        metrics = {**data.evaluate(model, val_loader, device), "train_det_loss": det}
+        det = engine.train_loop(model, train_loader, steps, p["lr"], device, args.seed + sum(map(ord, label)),
+                                [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log, **fast(args))
+        metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
         save_ckpt(ckpt(label), model, spec, metrics)
         log({"event": "eval", "model": label, **metrics})
         print(f"{label:16s} AP {100 * metrics['AP']:5.1f}   ({(time.time() - t0) / 60:.1f} min)")
@@ -291,7 +145,7 @@ def cmd_reproduce(args):
         cost = json.load(open(cost_path))["cost"]
     else:
         models = {"ots": load(ckpt("ots"))[0], **{lab: load(ckpt(lab))[0] for lab in pool}}
-        cost = cost_matrix(models, train_loader, p["cost_images"], device)
+        cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), p["cost_images"], device)
         save_json(cost_path, {"cost": cost, "ap": {"ots": ots["AP"], **{k: v["AP"] for k, v in pool.items()}}})
     order = teacher_order(cost, "ots", {k: v["AP"] for k, v in pool.items()}, p["k"])
     save_json(os.path.join(out, "order.json"), {"student": "ots", "order": order})
@@ -321,7 +175,7 @@ def cmd_reproduce(args):
     print(" " * 12 + "".join(f"{n[:10]:>11s}" for n in names))
     for a in names:
         print(f"{a[:12]:12s}" + "".join(f"{cost[a].get(b, 0.0):11.3f}" for b in names))
-    print(f"\nteachers: " + ", ".join(f"{k} AP {100 * v['AP']:.1f}" for k, v in pool.items()))
+    print("\nteachers: " + ", ".join(f"{k} AP {100 * v['AP']:.1f}" for k, v in pool.items()))
     print(f"order: {' -> '.join(order)}; budget {budget} steps after OTS for each row below\n")
     print(table(runs))
     print(f"\nwall time {results['wall_minutes']:.1f} min; everything is in {out}/")
@@ -334,37 +188,36 @@ def cmd_reproduce(args):
 def cmd_train(args):
     if args.model not in ZOO:
         fail(f"unknown model '{args.model}'; known models: {', '.join(ZOO)}")
-    device = check_device(args.device)
+    device = args.dev
     root = dataset_root(args)
-    train_loader, val_loader = loaders(root, args.batch, args.seed, masks=args.model.startswith("maskrcnn"))
+    train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=args.model.startswith("maskrcnn"))
     size = max(train_loader.dataset.coco.imgs[i]["height"] for i in train_loader.dataset.ids)
     spec = make_spec(args.model, args.model, args.scale, args.min_size or size, train_loader.dataset.category_ids)
     model = build(spec)
     steps = args.epochs * len(train_loader)
-    det = train_loop(model, train_loader, steps, args.lr, device, args.seed, desc=args.model)
-    metrics = {**data.evaluate(model, val_loader, device), "train_det_loss": det}
+    det = engine.train_loop(model, train_loader, steps, args.lr, device, args.seed, desc=args.model, **fast(args))
+    metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
     save_ckpt(os.path.join(args.out, "model.pt"), model, spec, metrics)
     print(table({args.model: metrics}))
 
 
 def cmd_eval(args):
-    device = check_device(args.device)
+    device = args.dev
     model, spec, _ = load(args.ckpt, device)
     root = dataset_root(args)
-    _, val_loader = loaders(root, args.batch, 0, masks=False)
-    metrics = data.evaluate(model, val_loader, device, progress=True)
+    _, val_loader = loaders(args, root, args.batch, 0, masks=False)
+    metrics = engine.evaluate(model, val_loader, device, progress=True)
     print(table({spec["label"]: metrics}))
     if "mask_AP" in metrics:
         print(table({spec["label"] + " mask": {c: metrics["mask_" + c] for c in COLS}}))
 
 
 def cmd_cost(args):
-    device = check_device(args.device)
+    device = args.dev
     loaded = [load(c, device) for c in args.ckpts]
     root = dataset_root(args)
-    train_loader, _ = loaders(root, args.batch, 0, masks=False)
     models = {spec["label"]: m for m, spec, _ in loaded}
-    cost = cost_matrix(models, train_loader, args.images, device)
+    cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), args.images, device)
     save_json(args.out, {"cost": cost, "ap": {spec["label"]: met.get("AP") for _, spec, met in loaded}})
     print(json.dumps(cost, indent=1))
 
@@ -379,31 +232,31 @@ def cmd_order(args):
 
 
 def cmd_distill(args):
-    device = check_device(args.device)
+    device = args.dev
     student, sspec, _ = load(args.student, device)
     teachers = {}
     for path in args.teachers:
         m, spec, met = load(path, device)
         teachers[spec["label"]] = (path, m, met)
     root = dataset_root(args)
-    train_loader, val_loader = loaders(root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
-    log = jsonl(os.path.join(args.out, "log.jsonl"))
+    train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
+    log = engine.jsonl(os.path.join(args.out, "log.jsonl"))
     if args.keep_order:
         order = list(teachers)
     else:
-        ap = {k: met.get("AP") if met.get("AP") is not None else data.evaluate(m, val_loader, device)["AP"]
+        ap = {k: met.get("AP") if met.get("AP") is not None else engine.evaluate(m, val_loader, device)["AP"]
               for k, (_, m, met) in teachers.items()}
-        cost = cost_matrix({sspec["label"]: student, **{k: v[1] for k, v in teachers.items()}},
-                           train_loader, args.images, device)
+        cost = engine.cost_matrix({sspec["label"]: student, **{k: v[1] for k, v in teachers.items()}},
+                                  data.CocoDetection(root, "train", masks=False), args.images, device)
         save_json(os.path.join(args.out, "cost.json"), {"cost": cost, "ap": ap})
         order = teacher_order(cost, sspec["label"], ap, args.k)
     print(f"order: {' -> '.join(order)}")
     save_json(os.path.join(args.out, "order.json"), {"student": sspec["label"], "order": order})
 
     def run_stage(model, stage_teachers, i):
-        det = train_loop(model, train_loader, args.steps, args.lr, device, args.seed + i, stage_teachers,
-                         args.lam, desc=f"stage {i + 1}", log=log)
-        metrics = {**data.evaluate(model, val_loader, device), "train_det_loss": det}
+        det = engine.train_loop(model, train_loader, args.steps, args.lr, device, args.seed + i, stage_teachers,
+                                args.lam, desc=f"stage {i + 1}", log=log, **fast(args))
+        metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
         save_ckpt(os.path.join(args.out, f"stage{i + 1}.pt"), model, sspec, metrics)
         log({"event": "stage", "stage": i + 1, "teacher": order[i], **metrics})
         print(f"stage {i + 1} ({order[i]}): AP {100 * metrics['AP']:.1f}")
@@ -423,7 +276,10 @@ def get_args_parser():
             p.add_argument("--data", help="COCO-format root (default: the built-in shapes benchmark)")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
         p.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are deterministic)")
-        p.add_argument("--batch", type=int, default=8, help="images per batch")
+        p.add_argument("--batch", type=int, default=8, help="images per batch (per process under torchrun)")
+        p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
+        p.add_argument("--fp32", action="store_true", help="on CUDA, turn off bf16 autocast and channels_last")
+        p.add_argument("--compile", action="store_true", help="torch.compile the backbones (CUDA; slow start)")
 
     p = sub.add_parser("train", help="train one detector from scratch")
     common(p)
@@ -468,11 +324,22 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.cmd is None:
         args = get_args_parser().parse_args(["reproduce"] + (argv or []))
-    if getattr(args, "k", 1) < 1:
-        fail(f"--k must be at least 1, got {args.k}")
     args.data = getattr(args, "data", None)
-    return {"train": cmd_train, "eval": cmd_eval, "cost": cmd_cost, "order": cmd_order,
-            "distill": cmd_distill, "reproduce": cmd_reproduce}[args.cmd](args)
+    try:
+        if getattr(args, "k", 1) < 1:
+            fail(f"--k must be at least 1, got {args.k}")
+        if hasattr(args, "device"):
+            args.dev = engine.init_distributed(args.device)  # one process, or one rank of torchrun
+            if not engine.is_main():
+                sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
+        return {"train": cmd_train, "eval": cmd_eval, "cost": cmd_cost, "order": cmd_order,
+                "distill": cmd_distill, "reproduce": cmd_reproduce}[args.cmd](args)
+    except engine.InputError as e:  # bad input: one line, no traceback, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if engine.distributed():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
