@@ -184,6 +184,35 @@ def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, p
 # ---------------------------------------------------------------------------------------------------------
 # COCO-format dataset with torchvision's detection contract.
 # ---------------------------------------------------------------------------------------------------------
+def read_annotations(path, image_dir):
+    """A COCO instances file as a pycocotools COCO, checked before any training starts: every problem is a
+    ValueError of one line naming the file (missing, not JSON, missing keys, image files missing)."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"annotation file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"annotation file {path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise ValueError(f"annotation file {path} lacks {', '.join(missing)}: a COCO instances file needs "
+                         "'images', 'annotations' and 'categories'")
+    for key, need in (("images", ("id", "file_name")), ("annotations", ("image_id", "category_id", "bbox")),
+                      ("categories", ("id",))):
+        bad = next((x for x in d[key] if not isinstance(x, dict) or any(k not in x for k in need)), None)
+        if bad is not None:
+            raise ValueError(f"annotation file {path}: an entry of '{key}' lacks one of {list(need)}: {str(bad)[:80]}")
+    absent = [im["file_name"] for im in d["images"] if not os.path.isfile(os.path.join(image_dir, im["file_name"]))]
+    if absent:
+        raise ValueError(f"{len(absent)} image(s) listed in {path} are missing from {image_dir}, e.g. {absent[0]}")
+    coco = COCO()
+    coco.dataset = d
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Images and targets from a COCO-format folder.
 
@@ -194,8 +223,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, root, split, flip=False, masks=True):
         self.root, self.split, self.flip, self.masks = root, split, flip, masks
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco = COCO(os.path.join(root, "annotations", f"instances_{split}2017.json"))
+        self.coco = read_annotations(os.path.join(root, "annotations", f"instances_{split}2017.json"),
+                                     os.path.join(root, f"{split}2017"))
         self.ids = sorted(self.coco.imgs)
         self.category_ids = sorted(self.coco.cats)  # label i (1..K) <-> category_ids[i - 1]
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.category_ids)}

@@ -75,43 +75,48 @@ def from_main(obj):
 # ---------------------------------------------------------------------------------------------------------
 # Data.
 # ---------------------------------------------------------------------------------------------------------
+class Batches(torch.utils.data.Sampler):
+    """Endless training batches (lists of indices) whose order is a pure function of (seed, iteration):
+    pass e over the data is a permutation seeded by (seed, e), dealt out across torchrun ranks. So a run
+    resumed at iteration `start` sees exactly the batches the uninterrupted run saw, without loading the
+    skipped images. len() is the number of batches per pass (per rank)."""
+
+    def __init__(self, n, batch, seed=0, start=0):
+        self.n, self.batch, self.seed, self.start = n, batch, seed, start
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+        self.per_pass = max(1, (n // self.world) // batch)
+
+    def __len__(self):
+        return self.per_pass
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            epoch, i = divmod(step, self.per_pass)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            mine = perm[self.rank::self.world]  # this rank's share of the pass
+            yield mine[i * self.batch:(i + 1) * self.batch].tolist()
+            step += 1
+
+
 def loaders(root, batch, seed, masks, device=torch.device("cpu"), workers=0):
-    """(train loader, val loader). `batch` is per process. Under torchrun both are sharded by rank."""
-    train = data.CocoDetection(root, "train", flip=True, masks=masks)
-    val = data.CocoDetection(root, "val", masks=False)
+    """(train loader, val loader). `batch` is per process; the train loader never ends (see Batches).
+    Under torchrun the val loader is sharded by rank."""
+    try:
+        train = data.CocoDetection(root, "train", flip=True, masks=masks)
+        val = data.CocoDetection(root, "val", masks=False)
+    except ValueError as e:  # a missing or malformed annotation file, a missing image
+        fail(str(e))
     if len(train) == 0 or len(val) == 0:
-        fail(f"{root} has an empty split ({len(train)} train, {len(val)} val images)")
+        fail(f"{root} has an empty split ({len(train)} train, {len(val)} val images); both need images")
     pin = device.type == "cuda"  # pinned host memory makes the non_blocking copies asynchronous
-    common = dict(collate_fn=data.collate, num_workers=workers, pin_memory=pin,
-                  persistent_workers=workers > 0)
-    if distributed():
-        ts = torch.utils.data.distributed.DistributedSampler(train, shuffle=True, seed=seed, drop_last=True)
-        vs = torch.utils.data.distributed.DistributedSampler(val, shuffle=False)
-        return (torch.utils.data.DataLoader(train, batch, sampler=ts, drop_last=True, **common),
-                torch.utils.data.DataLoader(val, batch, sampler=vs, **common))
-    g = torch.Generator().manual_seed(seed)
-    return (torch.utils.data.DataLoader(train, batch, shuffle=True, drop_last=len(train) >= batch,
-                                        generator=g, **common),
-            torch.utils.data.DataLoader(val, batch, **common))
-
-
-def cycle(loader):
-    """Endless batches; under torchrun a new DistributedSampler shuffle each pass, the same on every rank."""
-    sampler = loader.sampler if isinstance(loader.sampler, torch.utils.data.DistributedSampler) else None
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def reseed(loader, seed):
-    """Fix the data order of the next passes over `loader` by `seed`."""
-    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-        loader.sampler.seed = seed
-    else:
-        loader.generator.manual_seed(seed)
+    common = dict(collate_fn=data.collate, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    # its own generator: creating an iterator then draws its worker seed from it, not from the global
+    # RNG that the flips use (otherwise a resumed run would flip differently)
+    train_loader = torch.utils.data.DataLoader(train, batch_sampler=Batches(len(train), batch, seed),
+                                               generator=torch.Generator().manual_seed(seed), **common)
+    vs = torch.utils.data.distributed.DistributedSampler(val, shuffle=False) if distributed() else None
+    return train_loader, torch.utils.data.DataLoader(val, batch, sampler=vs, **common)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,6 +145,13 @@ def save(path, obj):
     barrier()
 
 
+def discard(path):
+    """Remove a file on rank 0 (a finished stage's resume state); every rank waits."""
+    if is_main() and os.path.isfile(path):
+        os.remove(path)
+    barrier()
+
+
 def save_json(path, obj):
     save(path, json.dumps(obj, indent=1))
 
@@ -148,16 +160,32 @@ def save_ckpt(path, model, spec, metrics, **extra):
     save(path, dict(model=model.state_dict(), spec=spec, metrics=metrics, **extra))
 
 
-def load(path, device="cpu"):
-    """Checkpoint -> (model, spec, metrics). Read with weights_only=True: a file carrying code is refused."""
+def read(path):
+    """torch.load with weights_only=True (tensors, dicts, lists, numbers only: a file carrying pickled
+    code is refused) and one-line errors."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            fail(f"refused to load {path}: it holds pickled Python objects, which can run code; mtpd files "
+                 "hold only tensors and plain values (re-save just the state_dict)")
+        fail(f"cannot read checkpoint {path} (corrupt or truncated?): {str(e).splitlines()[0][:160]}")
+
+
+def load(path, device="cpu"):
+    """Checkpoint -> (model, spec, metrics); the model is rebuilt from the spec the file carries."""
+    ck = read(path)
+    if not isinstance(ck, dict) or "spec" not in ck or "model" not in ck:
+        fail(f"{path} is not an mtpd checkpoint (no spec/model); exported students are loaded with "
+             "build_detector(**student_spec.json).load_state_dict(...)")
+    try:
         model = build(ck["spec"])
         model.load_state_dict(ck["model"])
-    except Exception as e:  # corrupt, truncated, pickled code, or weights that do not match the spec
-        fail(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]}")
+    except Exception as e:  # weights that do not match the spec
+        fail(f"checkpoint {path} does not match its spec {ck['spec'].get('name')}: "
+             f"{' '.join(str(e).split())[:200]}")
     return model.to(device), ck["spec"], ck.get("metrics", {})
 
 
@@ -211,14 +239,17 @@ def train_step(step_module, opt, sched, params, images, targets, bf16=False):
 
 
 def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, desc="train", log=None,
-               bf16=False, channels_last=False, compile=False):
+               bf16=False, channels_last=False, compile=False, state=None, every=0, resume=False):
     """Train `model` for `steps` iterations with a fresh AdamW and LR schedule (a fresh optimiser per
     stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added.
     bf16 / channels_last / compile: the CUDA fast path (autocast for student and teachers, NHWC
     convolutions, torch.compile of the backbones in place: state_dict keys do not change).
+    state, every, resume: every `every` iterations the whole training state (weights, adapters,
+    optimiser, schedule, iteration, RNG) is written atomically to the file `state`; with resume=True a
+    state found there is continued, and on a CPU the result is identical to an uninterrupted run.
     Returns the mean detection loss over the last 20% of steps (§3.5 compares it with validation AP)."""
     torch.manual_seed(seed + rank())  # augmentation differs per rank; the data order is shared
-    reseed(loader, seed)
+    loader.batch_sampler.seed, loader.batch_sampler.start = seed, 0
     fmt = torch.channels_last if channels_last else torch.preserve_format
     model.to(device, memory_format=fmt).train()
     teachers = [mtpd.freeze(t.to(device, memory_format=fmt)) for t in teachers]
@@ -231,17 +262,31 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
         with torch.no_grad():
             model.eval()
             fs = fpn_features(model, images)
-            adapters = [mtpd.build_adapters(fs, fpn_features(t, images)) for t in teachers]
+            try:
+                adapters = [mtpd.build_adapters(fs, fpn_features(t, images)) for t in teachers]
+            except ValueError as e:  # no common FPN stride
+                fail(f"cannot distil {desc}: {e}")
             model.train()
     step_module = Distilled(model, teachers, adapters, lam).to(device, memory_format=fmt)
     hook = step_module.hook
-    if distributed():  # gradients of the student and adapters are averaged over ranks
-        step_module = nn.parallel.DistributedDataParallel(step_module, [device] if device.type == "cuda" else None)
     params = [p for p in step_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps))
-    tail, bar = [], tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=not is_main())
-    batches = cycle(loader)
+    start, tail = 0, []
+    if resume and state and os.path.isfile(state):
+        ck = read(state)
+        step_module.load_state_dict(ck["weights"])  # the student and its adapters
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"][rank()])
+        start, tail = ck["step"], ck["tail"]
+        print(f"{desc}: resumed at iteration {start} of {steps} from {state}")
+    loader.batch_sampler.start = start  # the batches of iterations start, start + 1, ...
+    if distributed():  # gradients of the student and adapters are averaged over ranks
+        step_module = nn.parallel.DistributedDataParallel(step_module, [device] if device.type == "cuda" else None)
+    bar = tqdm(range(start, steps), desc=desc, leave=False, mininterval=1.0, disable=not is_main(),
+               initial=start, total=steps)
+    batches = iter(loader)
     try:
         for step in bar:
             images, targets = next(batches)
@@ -252,10 +297,20 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
             if step % 10 == 0 or step == steps - 1:  # read values (a host sync) only at log intervals
                 vals = {k: v.item() for k, v in losses.items()}
                 if not all(math.isfinite(v) for v in vals.values()):
-                    fail(f"non-finite loss at step {step} of {desc}: {vals}")
+                    fail(f"non-finite loss at iteration {step} of {desc}: {vals}; stopped, the last "
+                         f"checkpoint{' ' + state if state else ''} is kept (try a lower --lr)")
                 bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in vals.items()})
                 if step >= 0.8 * steps:
                     tail.append(sum(v for k, v in vals.items() if k != "distill"))
+            if state and every and ((step + 1) % every == 0 or step + 1 == steps):
+                if not all(bool(torch.isfinite(p).all()) for p in params):  # never overwrite a good state
+                    fail(f"non-finite weights after iteration {step} of {desc}; stopped, {state} is kept")
+                rng = [None] * dist.get_world_size() if distributed() else None
+                if distributed():
+                    dist.all_gather_object(rng, torch.get_rng_state())
+                core = step_module.module if distributed() else step_module
+                save(state, dict(weights=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                 rng=rng or [torch.get_rng_state()], step=step + 1, tail=tail, desc=desc))
     finally:
         hook.remove()
     det = sum(tail) / max(len(tail), 1)

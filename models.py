@@ -11,6 +11,7 @@ From scratch (no weights) every BatchNorm is a trainable `nn.BatchNorm2d` and ev
 """
 from collections import OrderedDict
 
+import torch
 from torch import nn
 from torchvision.models import resnet, swin_transformer
 from torchvision.models.detection import MaskRCNN, RetinaNet
@@ -58,6 +59,17 @@ class SwinFPN(nn.Module):
         return self.fpn(feats)
 
 
+class Float32Anchors(AnchorGenerator):
+    """torchvision's AnchorGenerator, but its anchors are float32 even under bf16 autocast: it takes the
+    dtype of the feature maps, and bf16's 8-bit mantissa would put anchors ~1 px off at 256 px (4 px at
+    800). Only the maps' sizes are used, so empty float32 stand-ins are passed. No parameters: the
+    state_dict is unchanged."""
+
+    def forward(self, image_list, feature_maps):
+        return super().forward(image_list, [f.new_empty((1, 1, *f.shape[-2:]), dtype=torch.float32)
+                                            for f in feature_maps])
+
+
 def _backbone(body, fpn_channels, two_stage, zero_init_residual):
     """Backbone + FPN. RetinaNet: C3-C5 -> P3-P7 (P6/P7 from P5, as torchvision's v1); Mask R-CNN:
     C2-C5 -> P2-P5 + max-pooled P6."""
@@ -95,7 +107,7 @@ def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fp
     if not two_stage:
         # torchvision's RetinaNet anchors: 3 scales x 3 aspect ratios per level.
         sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for (s,) in sizes)
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        anchors = Float32Anchors(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
         if head_convs != 4:  # a lighter head: RetinaNet's head dominates the step at small image sizes
             for sub in (head.classification_head, head.regression_head):
@@ -104,7 +116,7 @@ def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fp
                           head=head)
     else:
         # Mask R-CNN with proposal counts and RoI batches that train on a CPU at small sizes (METHOD §6).
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        anchors = Float32Anchors(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         cpu = dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
                    rpn_post_nms_top_n_test=100, box_batch_size_per_image=64)
         if min_size >= 800:

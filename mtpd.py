@@ -105,8 +105,9 @@ def feature_loss(student_feats, teacher_feats, adapters, eps=1e-6):
     losses = []
     for key, adapter in adapters.items():
         s = int(key)
-        ft = teacher_feats[s].detach()  # [N, Ct, H, W]
-        fs = adapter(student_feats[s], ft.shape[-2:])  # [N, Ct, H, W]
+        # float32 even under bf16 autocast: a squared difference divided by a variance needs the mantissa
+        ft = teacher_feats[s].detach().float()  # [N, Ct, H, W]
+        fs = adapter(student_feats[s], ft.shape[-2:]).float()  # [N, Ct, H, W]
         losses.append(F.mse_loss(fs, ft) / (ft.var() + eps))
     return torch.stack(losses).mean()
 

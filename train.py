@@ -68,10 +68,31 @@ def dataset_root(args):
     return root
 
 
-def fast(args):
-    """The CUDA fast path (bf16 autocast, channels_last; off with --fp32); on a CPU plain float32."""
+def train_opts(args):
+    """The CUDA fast path (bf16 autocast, channels_last; off with --fp32; on a CPU plain float32), and
+    the resume state written every --ckpt-every iterations (continued with --resume)."""
     on = args.device == "cuda" and not args.fp32
-    return dict(bf16=on, channels_last=on, compile=args.compile)
+    return dict(bf16=on, channels_last=on, compile=args.compile, every=args.ckpt_every, resume=args.resume)
+
+
+def check_writable(out):
+    """Fail before any work if `out` cannot be created or written (checked without creating anything)."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK):
+        fail(f"cannot write the output {out}: {path} is not a writable folder; choose another --out")
+
+
+def check_classes(student_spec, specs, root_cats=None):
+    """Distillation pairs models of one label space (and the data's, when given)."""
+    want = student_spec["category_ids"]
+    for spec in specs:
+        if spec["category_ids"] != want:
+            fail(f"teacher {spec['label']} was trained on categories {spec['category_ids']}, the student on "
+                 f"{want}: train the teachers on the student's data")
+    if root_cats is not None and list(root_cats) != want:
+        fail(f"the data has categories {list(root_cats)}, the student was trained on {want}; use the same data")
 
 
 def loaders(args, root, batch, seed, masks):
@@ -107,6 +128,7 @@ def cmd_reproduce(args):
     p = PRESETS[args.preset]
     device = args.dev
     out = args.out or os.path.join("runs", args.preset)
+    check_writable(out)
     t0 = time.time()
     root = dataset_root(args)
     log = engine.jsonl(os.path.join(out, "log.jsonl"))
@@ -124,10 +146,13 @@ def cmd_reproduce(args):
         _, name, scale, kw = model_args
         spec = make_spec(label, name, scale, p["size"], cats, **kw)
         model = build(spec) if init is None else load(init, device)[0]
+        state = os.path.join(out, "ckpt", f"{label}.state.pt")  # resume point, until the stage is done
         det = engine.train_loop(model, train_loader, steps, p["lr"], device, args.seed + sum(map(ord, label)),
-                                [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log, **fast(args))
+                                [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log,
+                                state=state, **train_opts(args))
         metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
         save_ckpt(ckpt(label), model, spec, metrics)
+        engine.discard(state)
         log({"event": "eval", "model": label, **metrics})
         print(f"{label:16s} AP {100 * metrics['AP']:5.1f}   ({(time.time() - t0) / 60:.1f} min)")
         return metrics
@@ -190,14 +215,21 @@ def cmd_train(args):
         fail(f"unknown model '{args.model}'; known models: {', '.join(ZOO)}")
     device = args.dev
     root = dataset_root(args)
+    check_writable(args.out)
     train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=args.model.startswith("maskrcnn"))
+    final, state = os.path.join(args.out, "model.pt"), os.path.join(args.out, "state.pt")
+    if args.resume and os.path.isfile(final):
+        print(f"{final} is complete; nothing to resume")
+        return print(table({args.model: engine.read(final)["metrics"]}))
     size = max(train_loader.dataset.coco.imgs[i]["height"] for i in train_loader.dataset.ids)
     spec = make_spec(args.model, args.model, args.scale, args.min_size or size, train_loader.dataset.category_ids)
     model = build(spec)
     steps = args.epochs * len(train_loader)
-    det = engine.train_loop(model, train_loader, steps, args.lr, device, args.seed, desc=args.model, **fast(args))
+    det = engine.train_loop(model, train_loader, steps, args.lr, device, args.seed, desc=args.model, state=state,
+                            **train_opts(args))
     metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
-    save_ckpt(os.path.join(args.out, "model.pt"), model, spec, metrics)
+    save_ckpt(final, model, spec, metrics)
+    engine.discard(state)
     print(table({args.model: metrics}))
 
 
@@ -216,6 +248,7 @@ def cmd_cost(args):
     device = args.dev
     loaded = [load(c, device) for c in args.ckpts]
     root = dataset_root(args)
+    check_writable(args.out)
     models = {spec["label"]: m for m, spec, _ in loaded}
     cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), args.images, device)
     save_json(args.out, {"cost": cost, "ap": {spec["label"]: met.get("AP") for _, spec, met in loaded}})
@@ -227,6 +260,8 @@ def cmd_order(args):
         f = json.load(open(args.cost))
     except (OSError, ValueError) as e:
         fail(f"cannot read cost file {args.cost}: {e}")
+    if not isinstance(f, dict) or not isinstance(f.get("cost"), dict) or not isinstance(f.get("ap"), dict):
+        fail(f"{args.cost} is not a cost file: it needs 'cost' and 'ap' (write one with `train.py cost`)")
     ap = {n: a for n, a in f["ap"].items() if n != args.student}
     print(" -> ".join(teacher_order(f["cost"], args.student, ap, args.k)))
 
@@ -237,27 +272,39 @@ def cmd_distill(args):
     teachers = {}
     for path in args.teachers:
         m, spec, met = load(path, device)
-        teachers[spec["label"]] = (path, m, met)
+        teachers[spec["label"]] = (path, m, met, spec)
     root = dataset_root(args)
     train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
+    check_classes(sspec, [t[3] for t in teachers.values()], train_loader.dataset.category_ids)
+    check_writable(args.out)
     log = engine.jsonl(os.path.join(args.out, "log.jsonl"))
-    if args.keep_order:
+    order_path = os.path.join(args.out, "order.json")
+    if args.resume and os.path.isfile(order_path):  # the order this run already chose
+        order = json.load(open(order_path))["order"]
+    elif args.keep_order:
         order = list(teachers)
     else:
         ap = {k: met.get("AP") if met.get("AP") is not None else engine.evaluate(m, val_loader, device)["AP"]
-              for k, (_, m, met) in teachers.items()}
+              for k, (_, m, met, _) in teachers.items()}
         cost = engine.cost_matrix({sspec["label"]: student, **{k: v[1] for k, v in teachers.items()}},
                                   data.CocoDetection(root, "train", masks=False), args.images, device)
         save_json(os.path.join(args.out, "cost.json"), {"cost": cost, "ap": ap})
         order = teacher_order(cost, sspec["label"], ap, args.k)
     print(f"order: {' -> '.join(order)}")
-    save_json(os.path.join(args.out, "order.json"), {"student": sspec["label"], "order": order})
+    save_json(order_path, {"student": sspec["label"], "order": order})
 
     def run_stage(model, stage_teachers, i):
+        done, state = os.path.join(args.out, f"stage{i + 1}.pt"), os.path.join(args.out, f"stage{i + 1}.state.pt")
+        if args.resume and os.path.isfile(done):  # finished before the interruption
+            ck = engine.read(done)
+            model.load_state_dict(ck["model"])
+            print(f"stage {i + 1} ({order[i]}): done earlier, AP {100 * ck['metrics']['AP']:.1f}")
+            return ck["metrics"]
         det = engine.train_loop(model, train_loader, args.steps, args.lr, device, args.seed + i, stage_teachers,
-                                args.lam, desc=f"stage {i + 1}", log=log, **fast(args))
+                                args.lam, desc=f"stage {i + 1}", log=log, state=state, **train_opts(args))
         metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
-        save_ckpt(os.path.join(args.out, f"stage{i + 1}.pt"), model, sspec, metrics)
+        save_ckpt(done, model, sspec, metrics)
+        engine.discard(state)
         log({"event": "stage", "stage": i + 1, "teacher": order[i], **metrics})
         print(f"stage {i + 1} ({order[i]}): AP {100 * metrics['AP']:.1f}")
         return metrics
@@ -281,6 +328,10 @@ def get_args_parser():
         p.add_argument("--fp32", action="store_true", help="on CUDA, turn off bf16 autocast and channels_last")
         p.add_argument("--compile", action="store_true", help="torch.compile the backbones (CUDA; slow start)")
 
+    def resumable(p):
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
+        p.add_argument("--ckpt-every", type=int, default=100, help="write the resume state every N iterations")
+
     p = sub.add_parser("train", help="train one detector from scratch")
     common(p)
     p.add_argument("--model", required=True, help=f"one of: {', '.join(ZOO)}")
@@ -289,6 +340,7 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--out", required=True, help="output folder (model.pt)")
+    resumable(p)
     p = sub.add_parser("eval", help="COCO box (and mask) AP of a checkpoint")
     common(p)
     p.add_argument("--ckpt", required=True, help="checkpoint file")
@@ -312,15 +364,18 @@ def get_args_parser():
     p.add_argument("--lam", type=float, default=1.0, help="weight of the feature loss")
     p.add_argument("--images", type=int, default=64, help="images for the adaptation costs")
     p.add_argument("--out", required=True, help="output folder")
+    resumable(p)
     p = sub.add_parser("reproduce", help="the whole method and its baselines on the built-in benchmark")
     common(p, data_arg=False)
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="size of the run")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
+    resumable(p)
     return ap
 
 
 def main(argv=None):
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
     args = get_args_parser().parse_args(argv)
     if args.cmd is None:
         args = get_args_parser().parse_args(["reproduce"] + (argv or []))
@@ -328,6 +383,8 @@ def main(argv=None):
     try:
         if getattr(args, "k", 1) < 1:
             fail(f"--k must be at least 1, got {args.k}")
+        if getattr(args, "ckpt_every", 1) < 1:
+            fail(f"--ckpt-every must be at least 1, got {args.ckpt_every}")
         if hasattr(args, "device"):
             args.dev = engine.init_distributed(args.device)  # one process, or one rank of torchrun
             if not engine.is_main():
