@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny detectors and batches, tiny COCO-format folders, CLI runners."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import engine
+import train
+from models import build_detector
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_detector(name="retinanet_r18", scale=1.0, num_classes=8, size=64, **kw):
+    return build_detector(name, num_classes, scale=scale, min_size=size, max_size=size, fpn_channels=16,
+                          head_convs=1, anchor_base=4, **kw)
+
+
+def tiny_batch(n=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 24.0]]), "labels": torch.tensor([1])} for _ in range(n)]
+    return images, targets
+
+
+def run_cli(*argv, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def cli(capsys, *argv):
+    """train.main in this process: (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    stats = data.make_shapes(root, n_train=12, n_val=6, size=64, seed=3, progress=False)
+    return root, stats
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A tiny COCO-format folder and tiny student/teacher checkpoints trained on it (spec'd like train.py's)."""
+    base = tmp_path_factory.mktemp("zoo")
+    root = str(base / "data")
+    data.make_shapes(root, n_train=8, n_val=4, size=64, seed=5, progress=False)
+    cats = data.CocoDetection(root, "val", masks=False).category_ids
+    for label, name in (("s", "retinanet_r18"), ("t1", "retinanet_r34"), ("t2", "retinanet_r18")):
+        spec = engine.make_spec(label, name, 1.0, 64, cats, fpn_channels=16, head_convs=1)
+        torch.manual_seed(len(label))
+        engine.save_ckpt(str(base / f"{label}.pt"), engine.build(spec), spec, {"AP": 0.1 * len(label)})
+    return base, root
