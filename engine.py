@@ -127,7 +127,11 @@ def make_spec(label, name, scale, size, category_ids, **kw):
                 max_size=size, anchor_base=size // 8, category_ids=list(category_ids), **kw)
 
 
-def build(spec):
+def build(spec, seed=None):
+    """The detector a spec describes; with `seed`, its random initialisation is fixed by it (torch's
+    default generator starts from a random state in every process)."""
+    if seed is not None:
+        torch.manual_seed(seed)
     return build_detector(**{k: v for k, v in spec.items() if k not in ("label", "category_ids")})
 
 
@@ -179,7 +183,7 @@ def load(path, device="cpu"):
     ck = read(path)
     if not isinstance(ck, dict) or "spec" not in ck or "model" not in ck:
         fail(f"{path} is not an mtpd checkpoint (no spec/model); exported students are loaded with "
-             "build_detector(**student_spec.json).load_state_dict(...)")
+             "engine.build(spec from student_spec.json).load_state_dict(...)")
     try:
         model = build(ck["spec"])
         model.load_state_dict(ck["model"])

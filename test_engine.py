@@ -211,3 +211,18 @@ def test_no_common_stride_is_a_clear_error(zoo, monkeypatch):
     monkeypatch.setattr(engine, "fpn_features", features)
     with pytest.raises(engine.InputError, match="no common FPN stride"):
         engine.train_loop(student, loader, 2, 1e-3, torch.device("cpu"), 0, [teacher])
+
+
+def test_cpu_training_is_deterministic_across_processes(zoo, tmp_path):
+    """Two fresh processes, same seed: identical weights (torch's default generator starts from a random
+    state in each process, so every model's initialisation must be seeded)."""
+    _, root = zoo
+    outs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "train", "--model", "retinanet_r18",
+                            "--epochs", "1", "--batch", "4", "--data", root, "--seed", "3", "--out", str(out)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(torch.load(out / "model.pt", weights_only=True)["model"])
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
