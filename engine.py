@@ -3,9 +3,9 @@
 configuration (presets, flags) stays in train.py.
 
 One process is the default. Under `torchrun --nproc_per_node N train.py ...` every rank runs the same
-code: DDP wraps the student and its adapters, each rank keeps its own frozen teacher replica, data is
-sharded with DistributedSampler, detections are gathered to rank 0 for COCOeval, and only rank 0 prints
-and writes files.
+code: DDP wraps the student and its adapters, each rank keeps its own frozen teacher replica, each rank
+reads its share of every pass (Batches; validation via DistributedSampler), detections are gathered to
+rank 0 for COCOeval, and only rank 0 prints and writes files.
 """
 import json
 import math

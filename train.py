@@ -204,9 +204,10 @@ def cmd_reproduce(args):
     log({"event": "done", "wall_minutes": results["wall_minutes"]})
     print("\nadaptation cost d(row -> column), fraction of the column's variance not explained:")
     names = list(cost)
-    print(" " * 12 + "".join(f"{n[:10]:>11s}" for n in names))
+    w = max(map(len, names)) + 2
+    print(" " * w + "".join(f"{n:>{w}s}" for n in names))
     for a in names:
-        print(f"{a[:12]:12s}" + "".join(f"{cost[a].get(b, 0.0):11.3f}" for b in names))
+        print(f"{a:{w}s}" + "".join(f"{cost[a].get(b, 0.0):{w}.3f}" for b in names))
     print("\nteachers: " + ", ".join(f"{k} AP {100 * v['AP']:.1f}" for k, v in pool.items()))
     print(f"order: {' -> '.join(order)}; budget {budget} steps after OTS for each row below\n")
     print(table(runs))
