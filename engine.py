@@ -228,6 +228,16 @@ class Distilled(nn.Module):
                                    list(self.adapters), fpn_features, self.lam)
 
 
+@torch.no_grad()
+def make_adapters(student, teachers, images):
+    """One nn.ModuleDict of adapters per teacher, their kinds read off the features of one batch."""
+    student.eval()
+    fs = fpn_features(student, images)
+    adapters = [mtpd.build_adapters(fs, fpn_features(t, images)) for t in teachers]
+    student.train()
+    return adapters
+
+
 def train_step(step_module, opt, sched, params, images, targets, bf16=False):
     """One optimisation step of a Distilled module (or its DDP wrapper). Returns the loss dict, still on
     the device: reading a value is a host-device sync, so the caller does it only at log intervals."""
@@ -261,16 +271,11 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
         for m in [model] + teachers:
             m.backbone.compile(dynamic=True)
     adapters = []
-    if teachers:  # adapter kinds from the shapes of one batch; fresh for this stage
-        images = [im.to(device) for im in next(iter(loader))[0]]
-        with torch.no_grad():
-            model.eval()
-            fs = fpn_features(model, images)
-            try:
-                adapters = [mtpd.build_adapters(fs, fpn_features(t, images)) for t in teachers]
-            except ValueError as e:  # no common FPN stride
-                fail(f"cannot distil {desc}: {e}")
-            model.train()
+    if teachers:  # fresh for this stage
+        try:
+            adapters = make_adapters(model, teachers, [im.to(device) for im in next(iter(loader))[0]])
+        except ValueError as e:  # no common FPN stride
+            fail(f"cannot distil {desc}: {e}")
     step_module = Distilled(model, teachers, adapters, lam).to(device, memory_format=fmt)
     hook = step_module.hook
     params = [p for p in step_module.parameters() if p.requires_grad]

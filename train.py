@@ -147,7 +147,7 @@ def cmd_reproduce(args):
         """Train (or reuse) one model and evaluate it; both are cached in the run folder.
         model_args = (label, name, scale, build kwargs); init: start from that checkpoint's weights."""
         if os.path.isfile(ckpt(label)):  # reuse: only its metrics are needed here
-            return torch.load(ckpt(label), map_location="cpu", weights_only=True)["metrics"]
+            return engine.read(ckpt(label))["metrics"]
         _, name, scale, kw = model_args
         spec = make_spec(label, name, scale, p["size"], cats, **kw)
         seed = args.seed + sum(map(ord, label))
