@@ -253,7 +253,7 @@ def train_step(step_module, opt, sched, params, images, targets, bf16=False):
 
 
 def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, desc="train", log=None,
-               bf16=False, channels_last=False, compile=False, state=None, every=0, resume=False):
+               bf16=False, channels_last=False, compile=False, state=None, every=0, resume=False, snapshots=None):
     """Train `model` for `steps` iterations with a fresh AdamW and LR schedule (a fresh optimiser per
     stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added.
     bf16 / channels_last / compile: the CUDA fast path (autocast for student and teachers, NHWC
@@ -261,6 +261,8 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
     state, every, resume: every `every` iterations the whole training state (weights, adapters,
     optimiser, schedule, iteration, RNG) is written atomically to the file `state`; with resume=True a
     state found there is continued, and on a CPU the result is identical to an uninterrupted run.
+    snapshots: {iteration: file}: the student's state_dict after that many iterations (§3.5 compares a
+    longer-trained student with the MTPD student at each stage boundary).
     Returns the mean detection loss over the last 20% of steps (§3.5 compares it with validation AP)."""
     torch.manual_seed(seed + rank())  # augmentation differs per rank; the data order is shared
     loader.batch_sampler.seed, loader.batch_sampler.start = seed, 0
@@ -311,6 +313,8 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
                 bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in vals.items()})
                 if step >= 0.8 * steps:
                     tail.append(sum(v for k, v in vals.items() if k != "distill"))
+            if snapshots and step + 1 in snapshots:
+                save(snapshots[step + 1], model.state_dict())
             if state and every and ((step + 1) % every == 0 or step + 1 == steps):
                 if not all(bool(torch.isfinite(p).all()) for p in params):  # never overwrite a good state
                     fail(f"non-finite weights after iteration {step} of {desc}; stopped, {state} is kept")
@@ -359,7 +363,10 @@ def cost_matrix(models, dataset, n_images, device, batch=8):
     for m in models.values():
         mtpd.freeze(m.to(device))
     subset = torch.utils.data.Subset(dataset, range(min(n_images, len(dataset))))
-    loader = torch.utils.data.DataLoader(subset, batch, collate_fn=data.collate)
+    if len(subset) < 2:
+        fail(f"adaptation costs need at least 2 training images (one to fit, one held out), got {len(subset)}")
+    # batches no larger than half the images, so that both halves get at least one
+    loader = torch.utils.data.DataLoader(subset, min(batch, len(subset) // 2), collate_fn=data.collate)
 
     def batches():
         seen = 0

@@ -320,6 +320,15 @@ def test_reproduce_tiny_end_to_end(tmp_path):
         assert set(m) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"} and 0 <= m["AP"] <= 1
     assert res["runs"]["long"] != res["runs"]["ots"]  # it trained further
     assert json.load(open(out / "order.json"))["order"] == res["order"]
+    # §3.5: both students at every stage boundary, their landscapes centred on their loss, and the report
+    gen, k = res["analysis"]["generalization"], len(res["order"])
+    assert [p["step"] for p in gen["mtpd"]] == [i * res["budget_steps"] // k for i in range(k + 1)]
+    assert [p["step"] for p in gen["long"]] == [p["step"] for p in gen["mtpd"]]
+    assert gen["mtpd"][-1]["AP"] == res["runs"]["mtpd"]["AP"] and gen["long"][0]["AP"] == res["runs"]["ots"]["AP"]
+    for land in res["analysis"]["landscape"].values():
+        mid = len(land["alphas"]) // 2
+        assert all(abs(c[mid] - land["loss0"]) < 1e-4 * land["loss0"] for c in land["curves"])
+    assert "## Loss landscape" in open(out / "report.md").read()
     # the exported student is a plain state_dict that loads strictly into build_detector
     spec = json.load(open(out / "student_spec.json"))
     sd = torch.load(out / "student.pt", weights_only=True)

@@ -15,9 +15,11 @@ import time
 
 import torch
 
+import analysis
 import data
 import engine
 import mtpd
+import report
 from engine import build, load, make_spec, save, save_ckpt, save_json
 from models import ZOO
 
@@ -29,10 +31,12 @@ SMALL = dict(fpn_channels=128, head_convs=2)  # a light RetinaNet: at 128 px its
 PRESETS = {
     "tiny": dict(n_train=48, n_val=24, size=64, batch=8, lr=1e-3, lam=1.0, k=3, cost_images=16,
                  student=("student", "retinanet_r18", 0.5, SMALL), student_steps=30, stage_steps=12,
+                 probe=(1, 8), landscape=dict(points=5, dirs_1d=1, points_2d=3),
                  pool=[("r18@1x", "retinanet_r18", 1.0, SMALL, 30),
                        ("r34@1x", "retinanet_r34", 1.0, SMALL, 30)]),
     "default": dict(n_train=800, n_val=200, size=128, batch=8, lr=3e-4, lam=1.0, k=3, cost_images=64,
                     student=("student", "retinanet_r18", 0.5, SMALL), student_steps=800, stage_steps=300,
+                    probe=(4, 8), landscape=dict(points=11, dirs_1d=3, points_2d=7),
                     pool=[("r18@0.75x", "retinanet_r18", 0.75, SMALL, 1000),
                           ("r18@1x", "retinanet_r18", 1.0, SMALL, 1000),
                           ("r50@1x", "retinanet_r50", 1.0, dict(SMALL, zero_init_residual=True), 600),
@@ -41,6 +45,7 @@ PRESETS = {
     # 300 steps, 5 min, on the default data), and full-width heads.
     "gpu": dict(n_train=8000, n_val=500, size=256, batch=16, lr=3e-4, lam=1.0, k=3, cost_images=256,
                 student=("student", "retinanet_r18", 0.5, {}), student_steps=10000, stage_steps=5000,
+                probe=(8, 16), landscape=dict(points=21, dirs_1d=3, points_2d=11),
                 pool=[("r18@1x", "retinanet_r18", 1.0, {}, 10000),
                       ("r50@1x", "retinanet_r50", 1.0, dict(zero_init_residual=True), 15000),
                       ("maskrcnn_r50@1x", "maskrcnn_r50", 1.0, dict(zero_init_residual=True), 15000),
@@ -112,6 +117,33 @@ def teacher_order(cost, student, ap, k):
         fail(f"cannot order the teachers: {e} (is every model in the cost file?)")
 
 
+def every_order(args, student, teachers, bgs, steps, lr, lam, out, train_loader, val_loader, log):
+    """Table 2: distil `student` (a checkpoint) through every order of `teachers` ({label: checkpoint}),
+    `steps` iterations per stage. A prefix's student is cached in out/<t1+t2...>.pt, so orders sharing a
+    prefix share its stages and an interrupted run continues. Every order uses the same seed per stage
+    index, so orders differ only by their teachers. Returns {teachers, stage_steps, rows, bgs, bgs_rank}."""
+    device = args.dev
+
+    def run_prefix(prefix):
+        path = os.path.join(out, "+".join(prefix) + ".pt")
+        if os.path.isfile(path):
+            return engine.read(path)["metrics"]
+        model, spec, _ = load(os.path.join(out, "+".join(prefix[:-1]) + ".pt") if len(prefix) > 1 else student)
+        desc = " -> ".join(prefix)
+        det = engine.train_loop(model, train_loader, steps, lr, device, args.seed + len(prefix),
+                                [load(teachers[prefix[-1]], device)[0]], lam, desc=desc, log=log,
+                                state=path[:-3] + ".state.pt", **train_opts(args))
+        metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
+        save_ckpt(path, model, spec, metrics)
+        engine.discard(path[:-3] + ".state.pt")
+        print(f"{desc:40s} AP {100 * metrics['AP']:5.1f}")
+        return metrics
+
+    rows = analysis.all_orders(list(teachers), run_prefix)
+    return {"teachers": list(teachers), "stage_steps": steps, "rows": rows, "bgs": list(bgs),
+            "bgs_rank": analysis.rank_of(rows, bgs)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # reproduce: pool -> cost -> BGS -> MTPD and its baselines at equal budget -> table.
 # ---------------------------------------------------------------------------------------------------------
@@ -143,20 +175,21 @@ def cmd_reproduce(args):
     def mask_loader():  # a two-stage teacher trains on instance masks too
         return loaders(args, root, p["batch"], args.seed, masks=True)[0]
 
-    def ready(label, model_args, steps, init=None, teachers=()):
+    def ready(label, model_args, steps, init=None, teachers=(), seed=None, snapshots=None):
         """Train (or reuse) one model and evaluate it; both are cached in the run folder.
-        model_args = (label, name, scale, build kwargs); init: start from that checkpoint's weights."""
+        model_args = (label, name, scale, build kwargs); init: start from that checkpoint's weights;
+        snapshots: {iteration: file} of intermediate weights to keep."""
         if os.path.isfile(ckpt(label)):  # reuse: only its metrics are needed here
             return engine.read(ckpt(label))["metrics"]
         _, name, scale, kw = model_args
         spec = make_spec(label, name, scale, p["size"], cats, **kw)
-        seed = args.seed + sum(map(ord, label))
+        seed = args.seed + sum(map(ord, label)) if seed is None else seed
         model = build(spec, seed) if init is None else load(init, device)[0]
         state = os.path.join(out, "ckpt", f"{label}.state.pt")  # resume point, until the stage is done
         loader = mask_loader() if name.startswith("maskrcnn") else train_loader
         det = engine.train_loop(model, loader, steps, p["lr"], device, seed,
                                 [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log,
-                                state=state, **train_opts(args))
+                                state=state, snapshots=snapshots, **train_opts(args))
         metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
         save_ckpt(ckpt(label), model, spec, metrics)
         engine.discard(state)
@@ -185,7 +218,9 @@ def cmd_reproduce(args):
     # 3. MTPD and the baselines, all at a budget of len(order) stages
     budget = p["stage_steps"] * len(order)
     runs = {"ots": ots}
-    runs["long"] = ready("long", s, budget, init=ckpt("ots"))
+    S = p["stage_steps"]  # the long run keeps its weights at each MTPD stage boundary, for §3.5
+    snaps = {k * S: os.path.join(out, "ckpt", f"long@{k * S}.pt") for k in range(1, len(order))}
+    runs["long"] = ready("long", s, budget, init=ckpt("ots"), snapshots=snaps)
     runs["direct"] = ready("direct", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])])
     runs["ensemble"] = ready("ensemble", s, budget, init=ckpt("ots"), teachers=[ckpt(t) for t in order])
     prev, stages = ckpt("ots"), []
@@ -198,8 +233,29 @@ def cmd_reproduce(args):
     save(os.path.join(out, "student.pt"), model.state_dict())  # plain state_dict, no adapters
     save_json(os.path.join(out, "student_spec.json"), spec)
     results = {"preset": args.preset, "seed": args.seed, "cost": cost, "order": order,
-               "teachers": pool, "stages": stages, "runs": runs, "budget_steps": budget,
-               "wall_minutes": round((time.time() - t0) / 60, 2)}
+               "teachers": pool, "stages": stages, "runs": runs, "budget_steps": budget}
+    # 4. §3.5 for the longer-trained and the MTPD student: loss vs AP at each stage boundary, flatness
+    def student_at(path):  # a checkpoint, or a snapshot of the long run (a bare state_dict)
+        ck = engine.read(path)
+        if "model" in ck:
+            return load(path)[0]
+        model = build(spec)
+        model.load_state_dict(ck)
+        return model
+
+    start = [(0, ckpt("ots"), ots)]
+    paths = {"long": start + [(k, f, None) for k, f in snaps.items() if os.path.isfile(f)]
+             + [(budget, ckpt("long"), runs["long"])],
+             "mtpd": start + [((i + 1) * S, ckpt(f"mtpd_stage{i + 1}"), st) for i, st in enumerate(stages)]}
+    batches = analysis.fixed_batches(data.CocoDetection(root, "train", masks=False), *p["probe"])
+    results["analysis"] = analysis.generalization_and_flatness(
+        paths, {"long": ckpt("long"), "mtpd": prev}, student_at,
+        lambda m: engine.evaluate(m, val_loader, device), batches, device=device, **p["landscape"])
+    # 5. Table 2 (opt-in: n! orders)
+    if args.all_orders:
+        results["all_orders"] = every_order(args, ckpt("ots"), {t: ckpt(t) for t in order}, order, S, p["lr"],
+                                            p["lam"], os.path.join(out, "orders"), train_loader, val_loader, log)
+    results["wall_minutes"] = round((time.time() - t0) / 60, 2)
     save_json(os.path.join(out, "results.json"), results)
     log({"event": "done", "wall_minutes": results["wall_minutes"]})
     print("\nadaptation cost d(row -> column), fraction of the column's variance not explained:")
@@ -211,6 +267,11 @@ def cmd_reproduce(args):
     print("\nteachers: " + ", ".join(f"{k} AP {100 * v['AP']:.1f}" for k, v in pool.items()))
     print(f"order: {' -> '.join(order)}; budget {budget} steps after OTS for each row below\n")
     print(table(runs))
+    for name, fl in results["analysis"]["flatness"].items():
+        print(f"{name}: loss {results['analysis']['landscape'][name]['loss0']:.3f}, mean rise "
+              + ", ".join(f"{v:.3f} at r={r}" for r, v in fl.items()))
+    if engine.is_main():
+        print(f"report: {report.write_report(out, results)}")
     print(f"\nwall time {results['wall_minutes']:.1f} min; everything is in {out}/")
     return results
 
@@ -264,6 +325,11 @@ def cmd_cost(args):
 
 
 def cmd_order(args):
+    if args.all:
+        return cmd_order_all(args)
+    if not args.cost or not args.student:
+        fail("order needs --cost (a file written by `cost`) and --student, or --all with --ckpt-student "
+             "and --teachers")
     try:
         f = json.load(open(args.cost))
     except (OSError, ValueError) as e:
@@ -272,6 +338,34 @@ def cmd_order(args):
         fail(f"{args.cost} is not a cost file: it needs 'cost' and 'ap' (write one with `train.py cost`)")
     ap = {n: a for n, a in f["ap"].items() if n != args.student}
     print(" -> ".join(teacher_order(f["cost"], args.student, ap, args.k)))
+
+
+def cmd_order_all(args):
+    """order --all: every order of a small pool, ranked by final AP, with BGS's order marked (Table 2)."""
+    if not args.ckpt_student or not args.teachers:
+        fail("order --all needs --ckpt-student and --teachers (checkpoints)")
+    if len(args.teachers) > 4:
+        fail(f"order --all trains sum over l of n!/(n-l)! stages: give at most 4 teachers, not {len(args.teachers)}")
+    device = args.dev
+    student, sspec, _ = load(args.ckpt_student)
+    teachers = {load(t)[1]["label"]: t for t in args.teachers}
+    root = dataset_root(args)
+    train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
+    check_classes(sspec, [load(t)[1] for t in args.teachers], train_loader.dataset.category_ids)
+    check_writable(args.out)
+    models = {sspec["label"]: student, **{k: load(v)[0] for k, v in teachers.items()}}
+    cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), args.images, device)
+    ap = {k: engine.read(v)["metrics"].get("AP") or engine.evaluate(models[k], val_loader, device)["AP"]
+          for k, v in teachers.items()}
+    bgs = teacher_order(cost, sspec["label"], ap, len(teachers))
+    res = every_order(args, args.ckpt_student, teachers, bgs, args.steps, args.lr, args.lam, args.out,
+                      train_loader, val_loader, engine.jsonl(os.path.join(args.out, "log.jsonl")))
+    save_json(os.path.join(args.out, "all_orders.json"), res)
+    for i, r in enumerate(res["rows"]):
+        print(f"{i + 1:2d}. {' -> '.join(r['order']):40s} AP {100 * r['AP']:5.1f}" + ("   <- BGS" if r["order"] == bgs else ""))
+    print(f"BGS order {' -> '.join(bgs)}: rank {res['bgs_rank'] or 'n/a (fewer teachers than the pool)'} "
+          f"of {len(res['rows'])}")
+    return res
 
 
 def cmd_distill(args):
@@ -357,10 +451,20 @@ def get_args_parser():
     p.add_argument("--ckpts", nargs="+", required=True, help="two or more checkpoints")
     p.add_argument("--images", type=int, default=64, help="training images used (half fit, half held out)")
     p.add_argument("--out", required=True, help="output JSON file")
-    p = sub.add_parser("order", help="teacher order by Backward Greedy Selection (Alg. 1)")
-    p.add_argument("--cost", required=True, help="cost JSON written by `cost`")
-    p.add_argument("--student", required=True, help="the student's name in the cost file")
+    p = sub.add_parser("order", help="teacher order by Backward Greedy Selection (Alg. 1), or every order")
+    common(p)
+    p.add_argument("--cost", help="cost JSON written by `cost`")
+    p.add_argument("--student", help="the student's name in the cost file")
     p.add_argument("--k", type=int, default=3, help="at most this many teachers")
+    p.add_argument("--all", action="store_true", help="distil through every order of --teachers (Table 2)")
+    p.add_argument("--ckpt-student", help="with --all: the student checkpoint")
+    p.add_argument("--teachers", nargs="+", help="with --all: 2-4 teacher checkpoints")
+    p.add_argument("--steps", type=int, default=300, help="with --all: iterations per stage")
+    p.add_argument("--lr", type=float, default=3e-4, help="with --all: AdamW learning rate")
+    p.add_argument("--lam", type=float, default=1.0, help="with --all: weight of the feature loss")
+    p.add_argument("--images", type=int, default=64, help="with --all: images for the adaptation costs")
+    p.add_argument("--out", default="runs/orders", help="with --all: output folder")
+    resumable(p)
     p = sub.add_parser("distill", help="progressive distillation of a student from teacher checkpoints")
     common(p)
     p.add_argument("--student", required=True, help="student checkpoint (the off-the-shelf student)")
@@ -377,6 +481,7 @@ def get_args_parser():
     common(p, data_arg=False)
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="size of the run")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
+    p.add_argument("--all-orders", action="store_true", help="also distil through every order of BGS's teachers")
     resumable(p)
     return ap
 

@@ -1,0 +1,198 @@
+"""report.md for a reproduce run: the comparison table, the cost matrix with the BGS path (Fig. 3), the AP
+after each stage, generalization (Fig. 5a/b), the loss landscape (Fig. 5c/d), and, when they were run,
+all orders (Table 2) and the mechanisms (Fig. 4).
+
+    python report.py runs/default        # (re)write runs/default/report.md from its results.json
+
+matplotlib is optional and imported only here, only to draw: without it every figure is a text table and
+the report says so.
+"""
+import json
+import os
+import sys
+
+COLS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def pct(v):
+    return "n/a" if v is None or v < 0 else f"{100 * v:.1f}"
+
+
+def bgs_path(order, student):
+    """The cost cells BGS used, as (row, column): student -> first teacher, then each teacher -> the next."""
+    chain = [student] + list(order)
+    return list(zip(chain[:-1], chain[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures: each returns the markdown that shows it (an image, or its numbers as a table).
+# ---------------------------------------------------------------------------------------------------------
+def fig_cost(plt, path, cost, order, student):
+    names = list(cost)
+    marked = set(bgs_path(order, student))
+    if plt is None:
+        rows = [[a] + [f"**{cost[a].get(b, 0):.3f}**" if (a, b) in marked else f"{cost[a].get(b, 0):.3f}"
+                       for b in names] for a in names]
+        return md_table(["d(row -> col)"] + names, rows) + "\n\nBold: the cells on the BGS path."
+    m = [[cost[a].get(b, 0.0) for b in names] for a in names]
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 1.1 * len(names) + 1.5))
+    im = ax.imshow(m, cmap="viridis")
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", color="w" if m[i][j] < 0.4 else "k")
+    for a, b in marked:  # the chain student -> t1 -> ... -> tk, drawn as boxes joined by arrows
+        i, j = names.index(a), names.index(b)
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
+    cells = [(names.index(b), names.index(a)) for a, b in bgs_path(order, student)]
+    for (x0, y0), (x1, y1) in zip(cells[:-1], cells[1:]):
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color="red", lw=1.5))
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("target B")
+    ax.set_ylabel("source A")
+    ax.set_title("adaptation cost d(A -> B); red: BGS path")
+    fig.colorbar(im)
+    return save(plt, fig, path)
+
+
+def fig_stages(plt, path, results):
+    runs, stages = results["runs"], results["stages"]
+    xs = ["ots"] + [f"{i + 1}: {s['teacher']}" for i, s in enumerate(stages)]
+    ys = [runs["ots"]["AP"]] + [s["AP"] for s in stages]
+    if plt is None:
+        return md_table(["after", "AP"], [[x, pct(y)] for x, y in zip(xs, ys)])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(len(xs)), [100 * y for y in ys], "o-", label="MTPD student")
+    for k, style in (("long", ":"), ("direct", "--"), ("ensemble", "-.")):
+        if k in runs:
+            ax.axhline(100 * runs[k]["AP"], ls=style, color="grey", label=f"{k} (full budget)")
+    ax.set_xticks(range(len(xs)), xs, rotation=20, ha="right")
+    ax.set_ylabel("box AP")
+    ax.set_title("student AP after each stage")
+    ax.legend(fontsize=8)
+    return save(plt, fig, path)
+
+
+def fig_generalization(plt, path, gen):
+    rows = [[name, p["step"], pct(p["AP"]), f"{p['det_loss']:.3f}"] for name, pts in gen.items() for p in pts]
+    if plt is None:
+        return md_table(["student", "iterations", "val AP", "train det. loss"], rows)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, pts in gen.items():
+        a1.plot([p["step"] for p in pts], [p["det_loss"] for p in pts], "o-", label=name)
+        a2.plot([p["step"] for p in pts], [100 * p["AP"] for p in pts], "o-", label=name)
+    a1.set(xlabel="iterations after OTS", ylabel="detection loss (fixed train batches)", title="training loss")
+    a2.set(xlabel="iterations after OTS", ylabel="box AP", title="validation AP")
+    a1.legend()
+    a2.legend()
+    return save(plt, fig, path)
+
+
+def fig_landscape(plt, path, lands):
+    if plt is None:
+        rows = []
+        for name, land in lands.items():
+            mean = [sum(c[i] for c in land["curves"]) / len(land["curves"]) for i in range(len(land["alphas"]))]
+            rows += [[name, f"{a:+.2f}", f"{v:.3f}"] for a, v in zip(land["alphas"], mean)]
+        return md_table(["student", "step along direction", "mean loss (1-D)"], rows)
+    fig, axes = plt.subplots(1, 1 + len(lands), figsize=(5 * (1 + len(lands)), 4))
+    for k, (name, land) in enumerate(lands.items()):
+        for i, c in enumerate(land["curves"]):
+            axes[0].plot(land["alphas"], c, color=f"C{k}", alpha=0.8, label=name if i == 0 else None)
+        cs = axes[k + 1].contour(land["alphas_2d"], land["alphas_2d"], land["grid"], levels=12)
+        axes[k + 1].clabel(cs, fontsize=7)
+        axes[k + 1].set_title(f"{name}: 2-D")
+    axes[0].set(xlabel="step along a filter-normalised direction", ylabel="detection loss", title="1-D")
+    axes[0].legend()
+    return save(plt, fig, path)
+
+
+def save(plt, fig, path):
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return f"![{os.path.basename(path)}](figures/{os.path.basename(path)})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The page.
+# ---------------------------------------------------------------------------------------------------------
+def write_report(out, results, plt="auto"):
+    """Write out/report.md (and out/figures/*.png when matplotlib is there). Returns the report's path."""
+    plt = pyplot() if plt == "auto" else plt
+    figs = os.path.join(out, "figures")
+    os.makedirs(figs, exist_ok=True)
+    runs, order, an = results["runs"], results["order"], results.get("analysis", {})
+    parts = [f"# mtpd report: preset `{results['preset']}`, seed {results['seed']}",
+             f"Wall time {results.get('wall_minutes', 0):.1f} min. Every row below trained for "
+             f"{results['budget_steps']} iterations after the off-the-shelf (OTS) student."]
+    if plt is None:
+        parts.append("*matplotlib is not installed: every figure is given as its numbers in a table "
+                     "(`pip install matplotlib`, then `python report.py " + out + "` draws them).*")
+    parts += ["## Results", md_table(["run"] + COLS, [[k] + [pct(v.get(c)) for c in COLS] for k, v in runs.items()]),
+              "Teachers: " + ", ".join(f"{k} AP {pct(v['AP'])}" for k, v in results["teachers"].items()) + ".",
+              "## Adaptation cost and the BGS order (Fig. 3)",
+              f"BGS order: **{' → '.join(order)}**. d(A → B) is the fraction of B's held-out feature variance "
+              "that no linear 1×1 map of A explains.",
+              fig_cost(plt, os.path.join(figs, "cost.png"), results["cost"], order, "ots"),
+              "## AP after each stage", fig_stages(plt, os.path.join(figs, "stages.png"), results)]
+    if "generalization" in an:
+        parts += ["## Generalization (§3.5, Fig. 5a/b)",
+                  "Detection loss on fixed training batches (BatchNorm frozen) and validation AP, for the "
+                  "student trained longer without a teacher and the MTPD student, at each stage boundary.",
+                  fig_generalization(plt, os.path.join(figs, "generalization.png"), an["generalization"])]
+    if "landscape" in an:
+        fl = an["flatness"]
+        parts += ["## Loss landscape (§3.5, Fig. 5c/d)",
+                  "Detection loss along filter-normalised random directions (Li et al. 2018) around each "
+                  "student's weights, on the same fixed batches; the same random draws for both students.",
+                  md_table(["student", "loss at weights"] + [f"mean rise at r={r}" for r in next(iter(fl.values()))],
+                           [[k, f"{an['landscape'][k]['loss0']:.3f}"] + [f"{v:.3f}" for v in fl[k].values()]
+                            for k in fl]),
+                  fig_landscape(plt, os.path.join(figs, "landscape.png"), an["landscape"])]
+    if "all_orders" in results:
+        ao = results["all_orders"]
+        parts += ["## All orders (Table 2)",
+                  f"Every order of {', '.join(ao['teachers'])}, {ao['stage_steps']} iterations per stage. "
+                  f"BGS's order ranks **{ao['bgs_rank'] or 'n/a'}** of {len(ao['rows'])}.",
+                  md_table(["rank", "order", "AP after each stage", "final AP"],
+                           [[i + 1, " → ".join(r["order"]) + (" **(BGS)**" if r["order"] == order else ""),
+                             " / ".join(pct(a) for a in r["stage_AP"]), pct(r["AP"])]
+                            for i, r in enumerate(ao["rows"])])]
+    if "mechanisms" in results:
+        mech = results["mechanisms"]
+        parts += ["## Mechanisms: direct vs MTPD (Fig. 4)",
+                  "Each mechanism replaces the L2 feature loss in every stage; direct = the last teacher only, "
+                  "same budget.",
+                  md_table(["mechanism", "direct AP", "MTPD AP", "MTPD − direct"],
+                           [[k, pct(v["direct"]["AP"]), pct(v["mtpd"]["AP"]),
+                             f"{100 * (v['mtpd']['AP'] - v['direct']['AP']):+.1f}"] for k, v in mech.items()])]
+    path = os.path.join(out, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n\n".join(parts) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "results.json")):
+        sys.exit("usage: python report.py RUN_DIR   (a folder with the results.json of `train.py reproduce`)")
+    print(write_report(sys.argv[1], json.load(open(os.path.join(sys.argv[1], "results.json")))))
