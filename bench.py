@@ -58,7 +58,7 @@ def fake_batch(n, size, device, seed=0):
 
 def stage(student, teachers, images, lam=1.0):
     """The pieces engine.train_loop builds for a stage: Distilled module, AdamW, schedule."""
-    adapters = engine.make_adapters(student, teachers, images) if teachers else []
+    adapters = engine.make_adapters(student, teachers, images)[0] if teachers else []
     m = engine.Distilled(student.train(), [mtpd.freeze(t) for t in teachers], adapters, lam).to(images[0].device)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -15,8 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_detector(name="retinanet_r18", scale=1.0, num_classes=8, size=64, **kw):
-    return build_detector(name, num_classes, scale=scale, min_size=size, max_size=size, fpn_channels=16,
-                          head_convs=1, anchor_base=4, **kw)
+    return build_detector(name, num_classes, scale=scale, min_size=size, max_size=size,
+                          **{"fpn_channels": 16, "head_convs": 1, "anchor_base": 4, **kw})
 
 
 def tiny_batch(n=2, size=64):

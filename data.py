@@ -3,6 +3,7 @@ dataset with torchvision's detection contract, and COCO evaluation with pycocoto
 
 Layout (COCO 2017): ROOT/train2017/*.png, ROOT/val2017/*.png, ROOT/annotations/instances_{split}2017.json.
 """
+import collections
 import colorsys
 import contextlib
 import io
@@ -10,6 +11,8 @@ import json
 import math
 import os
 import random
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -186,7 +189,9 @@ def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, p
 # ---------------------------------------------------------------------------------------------------------
 def read_annotations(path, image_dir):
     """A COCO instances file as a pycocotools COCO, checked before any training starts: every problem is a
-    ValueError of one line naming the file (missing, not JSON, missing keys, image files missing)."""
+    ValueError of one line naming the file (missing, not JSON, missing keys, duplicate ids, an annotation
+    whose image or category is not listed, a bbox that is not 4 numbers, an RLE of another size than its
+    image, image files missing). A missing 'area' is filled in from the bbox (COCOeval's size buckets)."""
     try:
         with open(path) as f:
             d = json.load(f)
@@ -198,11 +203,20 @@ def read_annotations(path, image_dir):
     if missing:
         raise ValueError(f"annotation file {path} lacks {', '.join(missing)}: a COCO instances file needs "
                          "'images', 'annotations' and 'categories'")
-    for key, need in (("images", ("id", "file_name")), ("annotations", ("image_id", "category_id", "bbox")),
-                      ("categories", ("id",))):
+    for key, need in (("images", ("id", "file_name", "height", "width")),
+                      ("annotations", ("id", "image_id", "category_id", "bbox")), ("categories", ("id",))):
         bad = next((x for x in d[key] if not isinstance(x, dict) or any(k not in x for k in need)), None)
         if bad is not None:
             raise ValueError(f"annotation file {path}: an entry of '{key}' lacks one of {list(need)}: {str(bad)[:80]}")
+        dup = next((i for i, n in collections.Counter(x["id"] for x in d[key]).items() if n > 1), None)
+        if dup is not None:
+            raise ValueError(f"annotation file {path}: id {dup} appears more than once in '{key}'")
+    images, cats = {im["id"]: im for im in d["images"]}, {c["id"] for c in d["categories"]}
+    for a in d["annotations"]:
+        problem = _ann_problem(a, images, cats)
+        if problem:
+            raise ValueError(f"annotation file {path}: annotation {a['id']}: {problem}")
+        a.setdefault("area", a["bbox"][2] * a["bbox"][3])
     absent = [im["file_name"] for im in d["images"] if not os.path.isfile(os.path.join(image_dir, im["file_name"]))]
     if absent:
         raise ValueError(f"{len(absent)} image(s) listed in {path} are missing from {image_dir}, e.g. {absent[0]}")
@@ -213,21 +227,88 @@ def read_annotations(path, image_dir):
     return coco
 
 
+def _ann_problem(a, images, cats):
+    """What keeps annotation `a` from being used, given the file's {image id: image} and category ids; or None."""
+    b, s, image = a["bbox"], a.get("segmentation", []), images.get(a["image_id"])
+    if image is None or a["category_id"] not in cats:
+        return (f"image_id {a['image_id']} is not in 'images'" if image is None else
+                f"category_id {a['category_id']} is not in 'categories'")
+    if not (isinstance(b, list) and len(b) == 4 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
+        return f"bbox {str(b)[:60]} is not 4 numbers [x, y, w, h]"
+    if isinstance(s, list):
+        return None if all(isinstance(p, list) for p in s) else "segmentation is not a list of polygons"
+    if not isinstance(s, dict) or "counts" not in s or "size" not in s:
+        return "segmentation is neither polygons nor an RLE {counts, size}"
+    hw = [image["height"], image["width"]]
+    return None if s["size"] == hw else f"RLE size {s['size']} is not its image's [height, width] {hw}"
+
+
+def ann_mask(segm, h, w):
+    """[h, w] uint8 mask of a COCO segmentation: polygons (one object may have several parts), or an RLE with
+    counts compressed (a string) or not (a list of run lengths, column-major, starting with zeros)."""
+    if isinstance(segm, list):
+        # a "polygon" of fewer than 3 points has no area (and pycocotools would read 4 numbers as a box)
+        parts = [p for p in segm if len(p) >= 6 and len(p) % 2 == 0]
+        if not parts:
+            return np.zeros((h, w), np.uint8)
+        segm = mask_utils.merge(mask_utils.frPyObjects(parts, h, w))
+    elif isinstance(segm["counts"], list):
+        segm = mask_utils.frPyObjects(segm, h, w)
+    return mask_utils.decode(segm)
+
+
+def load_image(path):
+    """[3, H, W] float in 0-1 from an image file of any common mode. 8-bit modes (grey 'L', palette 'P',
+    'RGBA', 'CMYK', ...) go through PIL's convert('RGB'); 16-bit grey ('I;16', or 'I' as some Pillow
+    versions open 16-bit PNGs) is scaled by 1/65535, because convert() would clip it at 255 (white)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode.startswith("I"):
+                grey = np.asarray(img, np.float32) / 65535  # [H, W]
+                return torch.from_numpy(grey).clamp_(0, 1)[None].repeat(3, 1, 1)
+            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255)
+    except OSError as e:  # PIL's UnidentifiedImageError is one
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Images and targets from a COCO-format folder.
 
     Returns (image [3, H, W] float in 0-1, target) with target = {boxes [N, 4] xyxy float, labels [N] int64
-    in 1..K (contiguous, mapped from the sorted category ids), masks [N, H, W] uint8, image_id int}.
+    in 1..K (contiguous, mapped from the sorted category ids), masks [N, H, W] uint8, image_id int}; an
+    image without annotations has boxes [0, 4], labels [0], masks [0, H, W].
     `flip`: horizontal-flip augmentation with probability 0.5 (training). `masks=False` skips rasterising.
     """
 
     def __init__(self, root, split, flip=False, masks=True):
         self.root, self.split, self.flip, self.masks = root, split, flip, masks
-        self.coco = read_annotations(os.path.join(root, "annotations", f"instances_{split}2017.json"),
-                                     os.path.join(root, f"{split}2017"))
+        path = os.path.join(root, "annotations", f"instances_{split}2017.json")
+        self.coco = read_annotations(path, os.path.join(root, f"{split}2017"))
         self.ids = sorted(self.coco.imgs)
         self.category_ids = sorted(self.coco.cats)  # label i (1..K) <-> category_ids[i - 1]
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.category_ids)}
+        # The targets. Crowd regions stay out of them (COCOeval still reads them from self.coco, as regions
+        # where detections are ignored). Boxes are clipped to the image; those then under 1 px wide or high
+        # are dropped with their masks: torchvision asserts on degenerate boxes in training.
+        self.instances, dropped = {}, 0  # image_id -> [(xyxy box, annotation)]
+        for i in self.ids:
+            w, h = self.coco.imgs[i]["width"], self.coco.imgs[i]["height"]
+            self.instances[i] = []
+            for a in self.coco.imgToAnns.get(i, []):
+                if a.get("iscrowd", 0):
+                    continue
+                x, y, bw, bh = a["bbox"]
+                box = [min(max(x, 0), w), min(max(y, 0), h), min(max(x + bw, 0), w), min(max(y + bh, 0), h)]
+                if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+                    dropped += 1
+                    continue
+                if masks and "segmentation" not in a:
+                    raise ValueError(f"annotation file {path}: annotation {a['id']} has no 'segmentation'; "
+                                     "a mask model needs instance masks")
+                self.instances[i].append((box, a))
+        if dropped:  # once per dataset, not per item
+            print(f"{path}: dropped {dropped} degenerate boxes (width or height < 1 px after clipping to the image)")
 
     def __len__(self):
         return len(self.ids)
@@ -235,18 +316,19 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, idx):
         image_id = self.ids[idx]
         info = self.coco.imgs[image_id]
-        img = Image.open(os.path.join(self.root, f"{self.split}2017", info["file_name"])).convert("RGB")
-        w, h = img.size
-        image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
-        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                               a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        h, w = info["height"], info["width"]
+        file = os.path.join(self.root, f"{self.split}2017", info["file_name"])
+        image = load_image(file)  # [3, H, W]
+        if image.shape[1:] != (h, w):
+            raise ValueError(f"image {file} is {image.shape[2]}x{image.shape[1]} px, its annotation says {w}x{h}")
+        kept = self.instances[image_id]
+        boxes = torch.tensor([b for b, _ in kept], dtype=torch.float32).reshape(-1, 4)
         target = {"boxes": boxes,
-                  "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+                  "labels": torch.tensor([self.cat_to_label[a["category_id"]] for _, a in kept], dtype=torch.int64),
                   "image_id": image_id}
         if self.masks:
-            target["masks"] = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])
-                                               if anns else np.zeros((0, h, w), np.uint8))
+            target["masks"] = torch.from_numpy(np.stack([ann_mask(a["segmentation"], h, w) for _, a in kept])
+                                               if kept else np.zeros((0, h, w), np.uint8))
         if self.flip and torch.rand(1).item() < 0.5:
             image = image.flip(-1)
             target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
@@ -290,17 +372,23 @@ def predict(model, loader, category_ids, device, progress=False):
     return bbox, segm
 
 
-def coco_summary(coco_gt, results, iou_type):
-    """COCOeval's 12 summary numbers as a dict (SUMMARY_KEYS); all -1 when there is nothing to score."""
-    if not results:
-        return {k: 0.0 for k in SUMMARY_KEYS}
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = coco_gt.loadRes(results)
+def coco_summary(coco_gt, results, iou_type, text=False):
+    """COCOeval's 12 summary numbers as a dict (SUMMARY_KEYS), and with text=True also the 12 lines that
+    summarize() prints: (dict, text). No results score 0 (-1 where the data has no object of a size)."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        if results:
+            dt = coco_gt.loadRes([dict(r) for r in results])  # copies: loadRes adds keys to its input
+        else:  # loadRes refuses an empty list
+            dt = COCO()
+            dt.dataset = {**coco_gt.dataset, "annotations": []}
+            dt.createIndex()
         ev = COCOeval(coco_gt, dt, iou_type)
         ev.evaluate()
         ev.accumulate()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
         ev.summarize()
-    return {k: float(v) for k, v in zip(SUMMARY_KEYS, ev.stats)}
+    stats = {k: float(v) for k, v in zip(SUMMARY_KEYS, ev.stats)}
+    return (stats, out.getvalue().rstrip("\n")) if text else stats
 
 
 def score(coco_gt, bbox, segm=()):
@@ -318,3 +406,31 @@ def evaluate(model, loader, device, progress=False):
     """score() of `model`'s detections on loader.dataset (a CocoDetection)."""
     ds = loader.dataset
     return score(ds.coco, *predict(model, loader, ds.category_ids, device, progress))
+
+
+def write_results(path, results):
+    """COCO results-format JSON (a list of {image_id, category_id, bbox or segmentation, score}) written
+    atomically: a temp file in the same folder, then os.replace (a crash leaves no half-written file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.replace(path + ".tmp", path)
+
+
+@torch.no_grad()
+def latency(model, loader, device, warmup=3, n=20):
+    """Median milliseconds per image of single-image forward passes (eval mode, no grad) over the images of
+    loader.dataset (cycled if fewer than warmup + n), after `warmup` untimed passes. Loading is not timed;
+    on CUDA the clock waits for the GPU (torch.cuda.synchronize)."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CUDA runs asynchronously
+    model.eval()
+    ds, times = loader.dataset, []
+    for i in range(warmup + n):
+        image = ds[i % len(ds)][0].to(device)
+        sync()
+        start = time.perf_counter()
+        model([image])
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[warmup:])

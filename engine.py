@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 import data
+import mechanisms
 import mtpd
 from models import build_detector, fpn_features
 
@@ -122,9 +123,11 @@ def loaders(root, batch, seed, masks, device=torch.device("cpu"), workers=0):
 # ---------------------------------------------------------------------------------------------------------
 # Models and checkpoints. A checkpoint is {model, spec, metrics}: the spec rebuilds the model alone.
 # ---------------------------------------------------------------------------------------------------------
-def make_spec(label, name, scale, size, category_ids, **kw):
+def make_spec(label, name, scale, size, category_ids, max_size=None, anchor_base=None, **kw):
+    """What rebuilds a model: build_detector's arguments plus its label and the data's category ids.
+    Defaults for the built-in data (square images of `size`); COCO: size 800, max_size 1333, anchor_base 32."""
     return dict(label=label, name=name, num_classes=len(category_ids) + 1, scale=scale, min_size=size,
-                max_size=size, anchor_base=size // 8, category_ids=list(category_ids), **kw)
+                max_size=max_size or size, anchor_base=anchor_base or size // 8, category_ids=list(category_ids), **kw)
 
 
 def build(spec, seed=None):
@@ -214,28 +217,44 @@ def lr_at(step, steps, warmup=50):
 
 
 class Distilled(nn.Module):
-    """What one training step differentiates, as one module so that DDP can wrap it: the student and its
-    training-only adapters. Teachers are a plain list, not submodules: frozen, one replica per rank,
-    never synchronised and never in the optimiser. forward(images, targets) -> loss dict (§3.1)."""
+    """What one training step differentiates, as one module so that DDP can wrap it: the student, its
+    training-only adapters and the mechanisms' learnable parts (§3.4; None for the L2). Teachers are a
+    plain list, not submodules: frozen, one replica per rank, never synchronised and never in the
+    optimiser. forward(images, targets) -> loss dict (§3.1)."""
 
-    def __init__(self, student, teachers, adapters, lam):
+    def __init__(self, student, teachers, adapters, lam, mechs=None):
         super().__init__()
         self.student, self.adapters, self.teachers, self.lam = student, nn.ModuleList(adapters), teachers, lam
+        self.mechs = nn.ModuleList(mechs) if mechs is not None else None
         self.feats, self.hook = mtpd.capture_features(student.backbone)
 
     def forward(self, images, targets):
-        return mtpd.distill_losses(self.student, images, targets, self.feats, self.teachers,
-                                   list(self.adapters), fpn_features, self.lam)
+        return mtpd.distill_losses(self.student, images, targets, self.feats, self.teachers, list(self.adapters),
+                                   fpn_features, self.lam, None if self.mechs is None else list(self.mechs),
+                                   None if self.mechs is None else input_boxes)
+
+
+def input_boxes(model, images, targets):
+    """The targets' boxes in the frame of `model`'s padded input batch: its transform resizes each image
+    (FGD's masks are then boxes / stride, which is right under padding too). -> list of [n_i, 4]."""
+    _, resized = model.transform(images, [{"boxes": t["boxes"]} for t in targets])
+    return [t["boxes"] for t in resized]
 
 
 @torch.no_grad()
-def make_adapters(student, teachers, images):
-    """One nn.ModuleDict of adapters per teacher, their kinds read off the features of one batch."""
+def make_adapters(student, teachers, images, mechanism="l2", published=False):
+    """One nn.ModuleDict of adapters per teacher, their kinds read off the features of one batch; and,
+    for a mechanism other than the L2, one ModuleDict of its per-level modules per teacher (else None)."""
     student.eval()
     fs = fpn_features(student, images)
-    adapters = [mtpd.build_adapters(fs, fpn_features(t, images)) for t in teachers]
+    adapters, mechs = [], None if mechanism == "l2" else []
+    for t in teachers:
+        ft = fpn_features(t, images)
+        adapters.append(mtpd.build_adapters(fs, ft))
+        if mechs is not None:  # per level, at the teacher's width (the adapter maps the student to it)
+            mechs.append(nn.ModuleDict({k: mechanisms.make(mechanism, ft[int(k)].shape[1], published) for k in adapters[-1]}))
     student.train()
-    return adapters
+    return adapters, mechs
 
 
 def train_step(step_module, opt, sched, params, images, targets, bf16=False):
@@ -253,9 +272,12 @@ def train_step(step_module, opt, sched, params, images, targets, bf16=False):
 
 
 def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, desc="train", log=None,
-               bf16=False, channels_last=False, compile=False, state=None, every=0, resume=False, snapshots=None):
+               bf16=False, channels_last=False, compile=False, state=None, every=0, resume=False, snapshots=None,
+               mechanism="l2", published=False):
     """Train `model` for `steps` iterations with a fresh AdamW and LR schedule (a fresh optimiser per
-    stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added.
+    stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added, or,
+    with `mechanism` in mechanisms.NAMES other than 'l2', that mechanism's loss (fresh modules too, §3.4;
+    loss weights retuned for the built-in benchmark, or the authors' with published=True).
     bf16 / channels_last / compile: the CUDA fast path (autocast for student and teachers, NHWC
     convolutions, torch.compile of the backbones in place: state_dict keys do not change).
     state, every, resume: every `every` iterations the whole training state (weights, adapters,
@@ -272,13 +294,14 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
     if compile:
         for m in [model] + teachers:
             m.backbone.compile(dynamic=True)
-    adapters = []
+    adapters, mechs = [], None
     if teachers:  # fresh for this stage
         try:
-            adapters = make_adapters(model, teachers, [im.to(device) for im in next(iter(loader))[0]])
+            adapters, mechs = make_adapters(model, teachers, [im.to(device) for im in next(iter(loader))[0]],
+                                            mechanism, published)
         except ValueError as e:  # no common FPN stride
             fail(f"cannot distil {desc}: {e}")
-    step_module = Distilled(model, teachers, adapters, lam).to(device, memory_format=fmt)
+    step_module = Distilled(model, teachers, adapters, lam, mechs).to(device, memory_format=fmt)
     hook = step_module.hook
     params = [p for p in step_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -379,3 +402,44 @@ def cost_matrix(models, dataset, n_images, device, batch=8):
                 seen += len(images)
 
     return from_main(mtpd.adaptation_costs(batches()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks and printouts shared by the subcommands.
+# ---------------------------------------------------------------------------------------------------------
+def teacher_order(cost, student, ap, k):
+    try:
+        return mtpd.backward_greedy_selection(cost, student, ap, k)
+    except (KeyError, ValueError) as e:
+        fail(f"cannot order the teachers: {e} (is every model in the cost file?)")
+
+
+def check_writable(out):
+    """Fail before any work if `out` cannot be created or written (checked without creating anything)."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK):
+        fail(f"cannot write the output {out}: {path} is not a writable folder; choose another --out")
+
+
+def check_classes(student_spec, specs, root_cats=None):
+    """Distillation pairs models of one label space (and the data's, when given)."""
+    want = student_spec["category_ids"]
+    for spec in specs:
+        if spec["category_ids"] != want:
+            fail(f"teacher {spec['label']} was trained on categories {spec['category_ids']}, the student on "
+                 f"{want}: train the teachers on the student's data")
+    if root_cats is not None and list(root_cats) != want:
+        fail(f"the data has categories {list(root_cats)}, the student was trained on {want}; use the same data")
+
+
+COLS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def table(rows):
+    lines = [f"{'run':12s}" + "".join(f"{c:>7s}" for c in COLS)]
+    for name, m in rows.items():
+        lines.append(f"{name:12s}" + "".join(f"{100 * m[c]:7.1f}" if m[c] >= 0 else f"{'n/a':>7s}"
+                                             for c in COLS))  # COCOeval's -1: no object of that size
+    return "\n".join(lines)

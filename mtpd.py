@@ -3,6 +3,7 @@
     1. feature capture   the neck (FPN) outputs of a detector, keyed by stride            (§3.1)
     2. adapter phi       identity / 1x1 conv / upsample / both, chosen from the shapes    (§3.1)
     3. feature loss      L = L_detect + lambda * || F_T - phi(F_S) ||^2                  (§3.1)
+                         or CWD / FGD / MGD / PKD per level (mechanisms.py)               (§3.4)
     4. adaptation cost   d(A -> B): held-out error of the best linear 1x1 map A -> B      (§3.2)
     5. BGS               Backward Greedy Selection of the teacher order                   (§3.2, Alg. 1)
     6. the schedule      one stage per teacher, fresh adapter and optimiser per stage     (§3.2)
@@ -94,13 +95,18 @@ def build_adapters(student_feats, teacher_feats):
 # ---------------------------------------------------------------------------------------------------------
 # 3. Feature loss (§3.1): L2 between F_T and phi(F_S) over the common strides.
 # ---------------------------------------------------------------------------------------------------------
-def feature_loss(student_feats, teacher_feats, adapters, eps=1e-6):
+def feature_loss(student_feats, teacher_feats, adapters, mechanisms=None, boxes=None, eps=1e-6):
     """Mean over common levels of ||F_T - phi(F_S)||^2 / (numel * Var(F_T)).
 
     Each level's mean squared error is divided by the (constant) variance of the teacher's level, so the
     loss is the fraction of the teacher's feature variance the student misses: raw FPN MSEs can be hundreds
     of times the detection loss, and this makes lambda ~ 1 meaningful across detectors. It is still the
     paper's L2, with one constant weight per level. 0 when F_S == F_T through an identity adapter.
+
+    mechanisms: another loss per level in place of the L2 (§3.4: MTPD wraps CWD, FGD, MGD, PKD), an
+    nn.ModuleDict keyed like `adapters` of modules m(phi(F_S), F_T, boxes, stride) -> scalar; their sum
+    over levels is returned, as their authors do. boxes: the ground truth in the teacher's input frame
+    (list of [n_i, 4] xyxy), for the mechanisms that need it (FGD).
     """
     losses = []
     for key, adapter in adapters.items():
@@ -108,26 +114,34 @@ def feature_loss(student_feats, teacher_feats, adapters, eps=1e-6):
         # float32 even under bf16 autocast: a squared difference divided by a variance needs the mantissa
         ft = teacher_feats[s].detach().float()  # [N, Ct, H, W]
         fs = adapter(student_feats[s], ft.shape[-2:]).float()  # [N, Ct, H, W]
-        losses.append(F.mse_loss(fs, ft) / (ft.var() + eps))
-    return torch.stack(losses).mean()
+        if mechanisms is not None:
+            losses.append(mechanisms[key](fs, ft, boxes, s))
+        else:
+            losses.append(F.mse_loss(fs, ft) / (ft.var() + eps))
+    return torch.stack(losses).sum() if mechanisms is not None else torch.stack(losses).mean()
 
 
-def distill_losses(student, images, targets, student_feats, teachers, adapters, teacher_features, lam=1.0):
+def distill_losses(student, images, targets, student_feats, teachers, adapters, teacher_features, lam=1.0,
+                   mechanisms=None, teacher_boxes=None):
     """One training forward of §3.1: L = L_detect + lam * sum over teachers of the feature loss.
 
     student: a detector in train mode returning a dict of detection losses, whose backbone is hooked by
     `capture_features` (student_feats). teachers: frozen detectors (one for a progressive stage, several for
     the ensemble baseline), each with its nn.ModuleDict of adapters. teacher_features(teacher, images)
     -> {stride: [N, C, H, W]} runs only the teacher's backbone+neck: its heads never run.
+    mechanisms: None (the L2), or one ModuleDict per teacher (see feature_loss); teacher_boxes(teacher,
+    images, targets) -> the targets' boxes in that teacher's input frame, for mechanisms that use boxes.
     Returns the loss dict: the detection terms plus 'distill' (already multiplied by lam).
     """
     losses = student(images, targets)  # fills student_feats through the hook
     if teachers:
         total = 0.0
-        for teacher, adapter in zip(teachers, adapters):
+        for i, (teacher, adapter) in enumerate(zip(teachers, adapters)):
             with torch.no_grad():  # there is no backpropagation through the teacher
                 ft = teacher_features(teacher, images)
-            total = total + feature_loss(student_feats, ft, adapter)
+                boxes = teacher_boxes(teacher, images, targets) if teacher_boxes else None
+            mech = mechanisms[i] if mechanisms is not None else None
+            total = total + feature_loss(student_feats, ft, adapter, mech, boxes)
         losses["distill"] = lam * total
     return losses
 

@@ -132,6 +132,29 @@ def save(plt, fig, path):
     return f"![{os.path.basename(path)}](figures/{os.path.basename(path)})"
 
 
+def summary(results):
+    """The console summary of a reproduce run: cost matrix, teachers, order, the table, flatness."""
+    cost, runs = results["cost"], results["runs"]
+    names = list(cost)
+    w = max(map(len, names)) + 2
+    lines = ["", "adaptation cost d(row -> column), fraction of the column's variance not explained:",
+             " " * w + "".join(f"{n:>{w}s}" for n in names)]
+    lines += [f"{a:{w}s}" + "".join(f"{cost[a].get(b, 0.0):{w}.3f}" for b in names) for a in names]
+    lines += ["", "teachers: " + ", ".join(f"{k} AP {pct(v['AP'])}" for k, v in results["teachers"].items()),
+              f"order: {' -> '.join(results['order'])}; budget {results['budget_steps']} steps after OTS "
+              "for each row below", "", f"{'run':12s}" + "".join(f"{c:>7s}" for c in COLS)]
+    lines += [f"{k:12s}" + "".join(f"{pct(m[c]):>7s}" for c in COLS) for k, m in runs.items()]
+    for k, v in results.get("mechanisms", {}).items():
+        lines.append(f"{k:4s} direct {pct(v['direct']['AP']):>5s}   mtpd {pct(v['mtpd']['AP']):>5s}")
+    an = results.get("analysis", {})
+    for k, fl in an.get("flatness", {}).items():
+        lines.append(f"{k}: detection loss {an['landscape'][k]['loss0']:.3f}, mean rise "
+                     + ", ".join(f"{v:.3f} at r={r}" for r, v in fl.items()))
+    if "all_orders" in results:
+        lines.append(f"all orders: BGS's ranks {results['all_orders']['bgs_rank']} of {len(results['all_orders']['rows'])}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The page.
 # ---------------------------------------------------------------------------------------------------------
@@ -142,7 +165,8 @@ def write_report(out, results, plt="auto"):
     os.makedirs(figs, exist_ok=True)
     runs, order, an = results["runs"], results["order"], results.get("analysis", {})
     parts = [f"# mtpd report: preset `{results['preset']}`, seed {results['seed']}",
-             f"Wall time {results.get('wall_minutes', 0):.1f} min. Every row below trained for "
+             f"This invocation took {results.get('wall_minutes', 0):.1f} min (checkpoints already in the "
+             "folder are reused, not retrained). Every row below trained for "
              f"{results['budget_steps']} iterations after the off-the-shelf (OTS) student."]
     if plt is None:
         parts.append("*matplotlib is not installed: every figure is given as its numbers in a table "

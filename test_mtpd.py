@@ -342,6 +342,15 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     r2 = run_cli("reproduce", "--preset", "tiny", "--out", str(out), cwd=str(tmp_path))
     assert r2.returncode == 0 and mtimes == {f: os.path.getmtime(out / "ckpt" / f) for f in os.listdir(out / "ckpt")}
     assert r.stdout.split("run ")[-1].split("wall")[0] == r2.stdout.split("run ")[-1].split("wall")[0]
+    # Fig. 4 on top: only the PKD runs train; the L2 rows are the ones above
+    r3 = run_cli("reproduce", "--preset", "tiny", "--out", str(out), "--mechanism", "pkd", cwd=str(tmp_path))
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    mech = json.load(open(out / "results.json"))["mechanisms"]
+    assert sorted(mech) == ["l2", "pkd"] and mech["l2"]["mtpd"] == res["runs"]["mtpd"]
+    assert 0 <= mech["pkd"]["direct"]["AP"] <= 1 and mech["pkd"]["mtpd"] != mech["l2"]["mtpd"]
+    new = set(os.listdir(out / "ckpt")) - set(mtimes)
+    assert new == {"direct_pkd.pt"} | {f"mtpd_pkd_stage{i + 1}.pt" for i in range(len(res["order"]))}
+    assert "## Mechanisms" in open(out / "report.md").read()
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):

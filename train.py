@@ -11,16 +11,18 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
+import torchvision
 
-import analysis
 import data
 import engine
+import mechanisms
+import models
 import mtpd
-import report
-from engine import build, load, make_spec, save, save_ckpt, save_json
+import reproduce
+from engine import (build, check_classes, check_writable, load, make_spec, save, save_ckpt, save_json, table,
+                    teacher_order)
 from models import ZOO
 
 # ---------------------------------------------------------------------------------------------------------
@@ -59,12 +61,12 @@ fail = engine.fail  # raises engine.InputError; main() prints it as one line and
 # ---------------------------------------------------------------------------------------------------------
 # Data, models and checkpoints.
 # ---------------------------------------------------------------------------------------------------------
-def dataset_root(args):
+def dataset_root(args, split="train"):
     """--data, or the embedded shapes benchmark (generated once, next to the runs)."""
     if args.data:
-        if not os.path.isfile(os.path.join(args.data, "annotations", "instances_train2017.json")):
-            fail(f"no COCO-format data at {args.data}: expected annotations/instances_train2017.json "
-                 "and train2017/ (or leave out --data to use the built-in shapes benchmark)")
+        if not os.path.isfile(os.path.join(args.data, "annotations", f"instances_{split}2017.json")):
+            fail(f"no COCO-format data at {args.data}: expected annotations/instances_{split}2017.json "
+                 f"and {split}2017/ (or leave out --data to use the built-in shapes benchmark)")
         return args.data
     p = PRESETS[getattr(args, "preset", None) or "default"]
     root = os.path.join("data", f"shapes{p['size']}_{p['n_train']}")
@@ -82,203 +84,24 @@ def train_opts(args):
     return dict(bf16=on, channels_last=on, compile=args.compile, every=args.ckpt_every, resume=args.resume)
 
 
-def check_writable(out):
-    """Fail before any work if `out` cannot be created or written (checked without creating anything)."""
-    path = os.path.abspath(out)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path) or not os.access(path, os.W_OK):
-        fail(f"cannot write the output {out}: {path} is not a writable folder; choose another --out")
-
-
-def check_classes(student_spec, specs, root_cats=None):
-    """Distillation pairs models of one label space (and the data's, when given)."""
-    want = student_spec["category_ids"]
-    for spec in specs:
-        if spec["category_ids"] != want:
-            fail(f"teacher {spec['label']} was trained on categories {spec['category_ids']}, the student on "
-                 f"{want}: train the teachers on the student's data")
-    if root_cats is not None and list(root_cats) != want:
-        fail(f"the data has categories {list(root_cats)}, the student was trained on {want}; use the same data")
-
-
 def loaders(args, root, batch, seed, masks):
     workers = args.workers if args.workers >= 0 else (4 if args.device == "cuda" else 0)
     return engine.loaders(root, batch, seed, masks, args.dev, workers)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# BGS over a cost file (§3.2, Alg. 1).
+# The subcommands. reproduce is the paper's experiment on the built-in data (reproduce.py).
 # ---------------------------------------------------------------------------------------------------------
-def teacher_order(cost, student, ap, k):
-    try:
-        return mtpd.backward_greedy_selection(cost, student, ap, k)
-    except (KeyError, ValueError) as e:
-        fail(f"cannot order the teachers: {e} (is every model in the cost file?)")
-
-
-def every_order(args, student, teachers, bgs, steps, lr, lam, out, train_loader, val_loader, log):
-    """Table 2: distil `student` (a checkpoint) through every order of `teachers` ({label: checkpoint}),
-    `steps` iterations per stage. A prefix's student is cached in out/<t1+t2...>.pt, so orders sharing a
-    prefix share its stages and an interrupted run continues. Every order uses the same seed per stage
-    index, so orders differ only by their teachers. Returns {teachers, stage_steps, rows, bgs, bgs_rank}."""
-    device = args.dev
-
-    def run_prefix(prefix):
-        path = os.path.join(out, "+".join(prefix) + ".pt")
-        if os.path.isfile(path):
-            return engine.read(path)["metrics"]
-        model, spec, _ = load(os.path.join(out, "+".join(prefix[:-1]) + ".pt") if len(prefix) > 1 else student)
-        desc = " -> ".join(prefix)
-        det = engine.train_loop(model, train_loader, steps, lr, device, args.seed + len(prefix),
-                                [load(teachers[prefix[-1]], device)[0]], lam, desc=desc, log=log,
-                                state=path[:-3] + ".state.pt", **train_opts(args))
-        metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
-        save_ckpt(path, model, spec, metrics)
-        engine.discard(path[:-3] + ".state.pt")
-        print(f"{desc:40s} AP {100 * metrics['AP']:5.1f}")
-        return metrics
-
-    rows = analysis.all_orders(list(teachers), run_prefix)
-    return {"teachers": list(teachers), "stage_steps": steps, "rows": rows, "bgs": list(bgs),
-            "bgs_rank": analysis.rank_of(rows, bgs)}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# reproduce: pool -> cost -> BGS -> MTPD and its baselines at equal budget -> table.
-# ---------------------------------------------------------------------------------------------------------
-COLS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-
-
-def table(rows):
-    lines = [f"{'run':12s}" + "".join(f"{c:>7s}" for c in COLS)]
-    for name, m in rows.items():
-        lines.append(f"{name:12s}" + "".join(f"{100 * m[c]:7.1f}" if m[c] >= 0 else f"{'n/a':>7s}"
-                                             for c in COLS))  # COCOeval's -1: no object of that size
-    return "\n".join(lines)
-
-
 def cmd_reproduce(args):
     p = PRESETS[args.preset]
-    device = args.dev
     out = args.out or os.path.join("runs", args.preset)
     check_writable(out)
-    t0 = time.time()
     root = dataset_root(args)
-    log = engine.jsonl(os.path.join(out, "log.jsonl"))
-    train_loader, val_loader = loaders(args, root, p["batch"], args.seed, masks=False)
-    cats = train_loader.dataset.category_ids
-
-    def ckpt(label):
-        return os.path.join(out, "ckpt", f"{label}.pt")
-
-    def mask_loader():  # a two-stage teacher trains on instance masks too
-        return loaders(args, root, p["batch"], args.seed, masks=True)[0]
-
-    def ready(label, model_args, steps, init=None, teachers=(), seed=None, snapshots=None):
-        """Train (or reuse) one model and evaluate it; both are cached in the run folder.
-        model_args = (label, name, scale, build kwargs); init: start from that checkpoint's weights;
-        snapshots: {iteration: file} of intermediate weights to keep."""
-        if os.path.isfile(ckpt(label)):  # reuse: only its metrics are needed here
-            return engine.read(ckpt(label))["metrics"]
-        _, name, scale, kw = model_args
-        spec = make_spec(label, name, scale, p["size"], cats, **kw)
-        seed = args.seed + sum(map(ord, label)) if seed is None else seed
-        model = build(spec, seed) if init is None else load(init, device)[0]
-        state = os.path.join(out, "ckpt", f"{label}.state.pt")  # resume point, until the stage is done
-        loader = mask_loader() if name.startswith("maskrcnn") else train_loader
-        det = engine.train_loop(model, loader, steps, p["lr"], device, seed,
-                                [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log,
-                                state=state, snapshots=snapshots, **train_opts(args))
-        metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
-        save_ckpt(ckpt(label), model, spec, metrics)
-        engine.discard(state)
-        log({"event": "eval", "model": label, **metrics})
-        print(f"{label:16s} AP {100 * metrics['AP']:5.1f}   ({(time.time() - t0) / 60:.1f} min)")
-        return metrics
-
-    # 1. the pool and the off-the-shelf student, trained from scratch
-    s = p["student"]
-    ots = ready("ots", s, p["student_steps"])
-    pool = {lab: ready(lab, (lab, name, sc, kw), steps) for lab, name, sc, kw, steps in p["pool"]}
-    weak = [lab for lab, m in pool.items() if m["AP"] <= ots["AP"]]
-    if weak:
-        print(f"note: teachers {weak} do not beat the student's AP {ots['AP']:.3f}; kept as candidates")
-    # 2. adaptation costs and BGS
-    cost_path = os.path.join(out, "cost.json")
-    if os.path.isfile(cost_path):
-        cost = json.load(open(cost_path))["cost"]
-    else:
-        models = {"ots": load(ckpt("ots"))[0], **{lab: load(ckpt(lab))[0] for lab in pool}}
-        cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), p["cost_images"], device)
-        save_json(cost_path, {"cost": cost, "ap": {"ots": ots["AP"], **{k: v["AP"] for k, v in pool.items()}}})
-    order = teacher_order(cost, "ots", {k: v["AP"] for k, v in pool.items()}, p["k"])
-    save_json(os.path.join(out, "order.json"), {"student": "ots", "order": order})
-    print(f"BGS order: {' -> '.join(order)}")
-    # 3. MTPD and the baselines, all at a budget of len(order) stages
-    budget = p["stage_steps"] * len(order)
-    runs = {"ots": ots}
-    S = p["stage_steps"]  # the long run keeps its weights at each MTPD stage boundary, for §3.5
-    snaps = {k * S: os.path.join(out, "ckpt", f"long@{k * S}.pt") for k in range(1, len(order))}
-    runs["long"] = ready("long", s, budget, init=ckpt("ots"), snapshots=snaps)
-    runs["direct"] = ready("direct", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])])
-    runs["ensemble"] = ready("ensemble", s, budget, init=ckpt("ots"), teachers=[ckpt(t) for t in order])
-    prev, stages = ckpt("ots"), []
-    for i, t in enumerate(order):  # the progressive schedule (§3.2), each stage from the last one's weights
-        label = f"mtpd_stage{i + 1}"
-        stages.append({"teacher": t, **ready(label, s, p["stage_steps"], init=prev, teachers=[ckpt(t)])})
-        prev = ckpt(label)
-    runs["mtpd"] = {k: v for k, v in stages[-1].items() if k != "teacher"}
-    model, spec, _ = load(prev)
-    save(os.path.join(out, "student.pt"), model.state_dict())  # plain state_dict, no adapters
-    save_json(os.path.join(out, "student_spec.json"), spec)
-    results = {"preset": args.preset, "seed": args.seed, "cost": cost, "order": order,
-               "teachers": pool, "stages": stages, "runs": runs, "budget_steps": budget}
-    # 4. §3.5 for the longer-trained and the MTPD student: loss vs AP at each stage boundary, flatness
-    def student_at(path):  # a checkpoint, or a snapshot of the long run (a bare state_dict)
-        ck = engine.read(path)
-        if "model" in ck:
-            return load(path)[0]
-        model = build(spec)
-        model.load_state_dict(ck)
-        return model
-
-    start = [(0, ckpt("ots"), ots)]
-    paths = {"long": start + [(k, f, None) for k, f in snaps.items() if os.path.isfile(f)]
-             + [(budget, ckpt("long"), runs["long"])],
-             "mtpd": start + [((i + 1) * S, ckpt(f"mtpd_stage{i + 1}"), st) for i, st in enumerate(stages)]}
-    batches = analysis.fixed_batches(data.CocoDetection(root, "train", masks=False), *p["probe"])
-    results["analysis"] = analysis.generalization_and_flatness(
-        paths, {"long": ckpt("long"), "mtpd": prev}, student_at,
-        lambda m: engine.evaluate(m, val_loader, device), batches, device=device, **p["landscape"])
-    # 5. Table 2 (opt-in: n! orders)
-    if args.all_orders:
-        results["all_orders"] = every_order(args, ckpt("ots"), {t: ckpt(t) for t in order}, order, S, p["lr"],
-                                            p["lam"], os.path.join(out, "orders"), train_loader, val_loader, log)
-    results["wall_minutes"] = round((time.time() - t0) / 60, 2)
-    save_json(os.path.join(out, "results.json"), results)
-    log({"event": "done", "wall_minutes": results["wall_minutes"]})
-    print("\nadaptation cost d(row -> column), fraction of the column's variance not explained:")
-    names = list(cost)
-    w = max(map(len, names)) + 2
-    print(" " * w + "".join(f"{n:>{w}s}" for n in names))
-    for a in names:
-        print(f"{a:{w}s}" + "".join(f"{cost[a].get(b, 0.0):{w}.3f}" for b in names))
-    print("\nteachers: " + ", ".join(f"{k} AP {100 * v['AP']:.1f}" for k, v in pool.items()))
-    print(f"order: {' -> '.join(order)}; budget {budget} steps after OTS for each row below\n")
-    print(table(runs))
-    for name, fl in results["analysis"]["flatness"].items():
-        print(f"{name}: loss {results['analysis']['landscape'][name]['loss0']:.3f}, mean rise "
-              + ", ".join(f"{v:.3f} at r={r}" for r, v in fl.items()))
-    if engine.is_main():
-        print(f"report: {report.write_report(out, results)}")
-    print(f"\nwall time {results['wall_minutes']:.1f} min; everything is in {out}/")
-    return results
+    return reproduce.reproduce(p, args.preset, out, root, lambda b, masks: loaders(args, root, b, args.seed, masks),
+                               args.dev, args.seed, train_opts(args), args.mechanism, args.all_orders,
+                               args.published_weights)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The other subcommands.
-# ---------------------------------------------------------------------------------------------------------
 def cmd_train(args):
     if args.model not in ZOO:
         fail(f"unknown model '{args.model}'; known models: {', '.join(ZOO)}")
@@ -291,26 +114,69 @@ def cmd_train(args):
         print(f"{final} is complete; nothing to resume")
         return print(table({args.model: engine.read(final)["metrics"]}))
     size = max(train_loader.dataset.coco.imgs[i]["height"] for i in train_loader.dataset.ids)
-    spec = make_spec(args.model, args.model, args.scale, args.min_size or size, train_loader.dataset.category_ids)
+    ds = train_loader.dataset
+    spec = make_spec(args.model, args.model, args.scale, args.min_size or size, ds.category_ids,
+                     max_size=args.max_size or None, anchor_base=args.anchor_base or None,
+                     pretrained=bool(args.weights or args.weights_backbone))  # torchvision's fine-tuning recipe
     model = build(spec, args.seed)
+    try:  # torchvision's COCO weights keep their rows of the data's categories when the names agree
+        if args.weights:
+            print(models.load_weights(model, args.weights, spec["num_classes"],
+                                      ds.category_ids if coco_indexed(args.weights, ds.coco.cats) else None))
+        if args.weights_backbone:
+            print(models.load_backbone_weights(model, args.weights_backbone))
+    except ValueError as e:
+        fail(str(e))
     steps = args.epochs * len(train_loader)
     det = engine.train_loop(model, train_loader, steps, args.lr, device, args.seed, desc=args.model, state=state,
-                            **train_opts(args))
+                            **train_opts(args)) if steps else float("nan")
     metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
     save_ckpt(final, model, spec, metrics)
     engine.discard(state)
     print(table({args.model: metrics}))
 
 
+def coco_indexed(source, cats):
+    """Whether `source` is torchvision weights whose class rows are category ids with the data's names."""
+    try:
+        names = torchvision.models.get_weight(source).meta["categories"]
+    except (ValueError, KeyError, AttributeError):
+        return False
+    return all(c < len(names) and names[c] == cat.get("name") for c, cat in cats.items())
+
+
 def cmd_eval(args):
+    """COCOeval's 12-line summaries of a checkpoint on the val split (box, and mask for Mask R-CNN); with --out
+    the detections in COCO results format (original category ids); then single-image latency."""
+    if engine.distributed():
+        fail("eval runs in one process (it writes whole detection files and times single images): "
+             "run it without torchrun")
     device = args.dev
     model, spec, _ = load(args.ckpt, device)
-    root = dataset_root(args)
-    _, val_loader = loaders(args, root, args.batch, 0, masks=False)
-    metrics = engine.evaluate(model, val_loader, device, progress=True)
-    print(table({spec["label"]: metrics}))
-    if "mask_AP" in metrics:
-        print(table({spec["label"] + " mask": {c: metrics["mask_" + c] for c in COLS}}))
+    root = dataset_root(args, "val")
+    if args.out:
+        check_writable(args.out)
+    try:  # the val split only: COCO's train annotations take a minute and GBs of memory to read
+        ds = data.CocoDetection(root, "val", masks=False)
+    except ValueError as e:
+        fail(str(e))
+    workers = args.workers if args.workers >= 0 else (4 if args.device == "cuda" else 0)
+    val_loader = torch.utils.data.DataLoader(ds, args.batch, collate_fn=data.collate, num_workers=workers)
+    if ds.category_ids != spec["category_ids"]:
+        fail(f"{args.ckpt} was trained on categories {spec['category_ids']}, the data at {root} has "
+             f"{ds.category_ids}: evaluate on data of the same categories")
+    bbox, segm = data.predict(model, val_loader, ds.category_ids, device, progress=True)
+    kinds = {"bbox": bbox, "segm": segm} if spec["name"].startswith("maskrcnn") else {"bbox": bbox}
+    for iou_type, results in kinds.items():
+        _, text = data.coco_summary(ds.coco, results, iou_type, text=True)
+        print(f"{spec['label']}: {iou_type}, {len(results)} detections on {len(ds)} val images\n{text}")
+        if args.out:
+            data.write_results(os.path.join(args.out, f"detections_{iou_type}.json"), results)
+    if args.out:
+        print(f"wrote {', '.join(f'detections_{k}.json' for k in kinds)} to {args.out}")
+    ms = data.latency(model, val_loader, device)
+    print(f"latency: {ms:.1f} ms/image (median of 20 single-image forward passes after 3 warm-up ones, "
+          f"{device.type}, batch 1)")
 
 
 def cmd_cost(args):
@@ -358,8 +224,9 @@ def cmd_order_all(args):
     ap = {k: engine.read(v)["metrics"].get("AP") or engine.evaluate(models[k], val_loader, device)["AP"]
           for k, v in teachers.items()}
     bgs = teacher_order(cost, sspec["label"], ap, len(teachers))
-    res = every_order(args, args.ckpt_student, teachers, bgs, args.steps, args.lr, args.lam, args.out,
-                      train_loader, val_loader, engine.jsonl(os.path.join(args.out, "log.jsonl")))
+    res = reproduce.every_order(args.ckpt_student, teachers, bgs, args.steps, args.lr, args.lam, args.out, train_loader,
+                                val_loader, engine.jsonl(os.path.join(args.out, "log.jsonl")), args.dev, args.seed,
+                                train_opts(args))
     save_json(os.path.join(args.out, "all_orders.json"), res)
     for i, r in enumerate(res["rows"]):
         print(f"{i + 1:2d}. {' -> '.join(r['order']):40s} AP {100 * r['AP']:5.1f}" + ("   <- BGS" if r["order"] == bgs else ""))
@@ -392,8 +259,11 @@ def cmd_distill(args):
                                   data.CocoDetection(root, "train", masks=False), args.images, device)
         save_json(os.path.join(args.out, "cost.json"), {"cost": cost, "ap": ap})
         order = teacher_order(cost, sspec["label"], ap, args.k)
-    print(f"order: {' -> '.join(order)}")
-    save_json(order_path, {"student": sspec["label"], "order": order})
+    if len(args.mechanism) not in (1, len(order)):
+        fail(f"--mechanism takes one mechanism, or one per stage ({len(order)}), not {len(args.mechanism)}")
+    mech = args.mechanism * len(order) if len(args.mechanism) == 1 else args.mechanism
+    print(f"order: {' -> '.join(f'{t} ({m})' for t, m in zip(order, mech))}")
+    save_json(order_path, {"student": sspec["label"], "order": order, "mechanisms": mech})
 
     def run_stage(model, stage_teachers, i):
         done, state = os.path.join(args.out, f"stage{i + 1}.pt"), os.path.join(args.out, f"stage{i + 1}.state.pt")
@@ -403,7 +273,8 @@ def cmd_distill(args):
             print(f"stage {i + 1} ({order[i]}): done earlier, AP {100 * ck['metrics']['AP']:.1f}")
             return ck["metrics"]
         det = engine.train_loop(model, train_loader, args.steps, args.lr, device, args.seed + i, stage_teachers,
-                                args.lam, desc=f"stage {i + 1}", log=log, state=state, **train_opts(args))
+                                args.lam, desc=f"stage {i + 1}", log=log, state=state, mechanism=mech[i],
+                                published=args.published_weights, **train_opts(args))
         metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
         save_ckpt(done, model, sspec, metrics)
         engine.discard(state)
@@ -439,13 +310,18 @@ def get_args_parser():
     p.add_argument("--model", required=True, help=f"one of: {', '.join(ZOO)}")
     p.add_argument("--scale", type=float, default=1.0, help="input resolution factor (0.25..1)")
     p.add_argument("--min-size", type=int, default=0, help="base input size (default: the images' size)")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    p.add_argument("--max-size", type=int, default=0, help="longest side (default: --min-size; COCO: 1333)")
+    p.add_argument("--anchor-base", type=int, default=0, help="finest anchor size (default: min size / 8; COCO: 32)")
+    p.add_argument("--weights", help="torchvision weights name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1) or file")
+    p.add_argument("--weights-backbone", help="ImageNet weights name (e.g. ResNet50_Weights.IMAGENET1K_V1) or file")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (0: load and evaluate)")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--out", required=True, help="output folder (model.pt)")
     resumable(p)
-    p = sub.add_parser("eval", help="COCO box (and mask) AP of a checkpoint")
+    p = sub.add_parser("eval", help="COCOeval summaries, detection files and latency of a checkpoint")
     common(p)
     p.add_argument("--ckpt", required=True, help="checkpoint file")
+    p.add_argument("--out", help="folder for detections_bbox.json (and _segm.json), COCO results format")
     p = sub.add_parser("cost", help="adaptation-cost matrix between checkpoints (§3.2)")
     common(p)
     p.add_argument("--ckpts", nargs="+", required=True, help="two or more checkpoints")
@@ -475,6 +351,9 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the feature loss")
     p.add_argument("--images", type=int, default=64, help="images for the adaptation costs")
+    p.add_argument("--mechanism", nargs="+", default=["l2"], choices=mechanisms.NAMES,
+                   help="the feature loss of every stage, or one per stage, e.g. cwd cwd pkd (§3.4)")
+    p.add_argument("--published-weights", action="store_true", help="the mechanisms' published loss weights")
     p.add_argument("--out", required=True, help="output folder")
     resumable(p)
     p = sub.add_parser("reproduce", help="the whole method and its baselines on the built-in benchmark")
@@ -482,6 +361,9 @@ def get_args_parser():
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="size of the run")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
     p.add_argument("--all-orders", action="store_true", help="also distil through every order of BGS's teachers")
+    p.add_argument("--mechanism", nargs="+", default=["l2"], choices=list(mechanisms.NAMES) + ["all"],
+                   help="also run direct and MTPD with these mechanisms in place of the L2 (Fig. 4)")
+    p.add_argument("--published-weights", action="store_true", help="the mechanisms' published loss weights")
     resumable(p)
     return ap
 

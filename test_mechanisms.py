@@ -1,0 +1,289 @@
+"""Tests of mechanisms.py against values computed by hand on tiny tensors (CPU, well under a second each).
+Run: python -m pytest -q test_mechanisms.py"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mechanisms as M
+
+
+def _pair(shape=(2, 3, 4, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# L2 and CWD
+# ---------------------------------------------------------------------------------------------------------
+def test_l2_is_mse_over_teacher_variance():
+    fs, ft = _pair()
+    diff = sum((a - b) ** 2 for a, b in zip(fs.flatten().tolist(), ft.flatten().tolist())) / fs.numel()
+    mean = ft.mean().item()
+    var = sum((b - mean) ** 2 for b in ft.flatten().tolist()) / (ft.numel() - 1)
+    assert M.L2(3, weight=2.0)(fs, ft).item() == pytest.approx(2.0 * diff / (var + 1e-6), rel=1e-5)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_cwd_equals_kl_computed_by_hand(tau):
+    fs, ft = _pair()
+    n, c, h, w = fs.shape
+    total = 0.0
+    for i in range(n):
+        for j in range(c):
+            s = [v / tau for v in fs[i, j].flatten().tolist()]
+            t = [v / tau for v in ft[i, j].flatten().tolist()]
+            zs, zt = sum(math.exp(v) for v in s), sum(math.exp(v) for v in t)
+            ps, pt = [math.exp(v) / zs for v in s], [math.exp(v) / zt for v in t]
+            total += sum(q * math.log(q / p) for p, q in zip(ps, pt))  # KL(p_T || p_S)
+    expected = 5.0 * tau ** 2 * total / (n * c)
+    assert M.CWD(c, tau=tau, weight=5.0)(fs, ft).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cwd_is_zero_when_student_equals_teacher():
+    fs, _ = _pair()
+    assert M.CWD(3)(fs, fs.clone()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FGD: masks, then the whole loss
+# ---------------------------------------------------------------------------------------------------------
+def test_fgd_mask_of_a_known_box():
+    # x 8..24 px -> cells floor(1)..ceil(3) = columns 1..3; y 8..40 -> rows 1..5: 5 x 3 = 15 cells.
+    fg, bg = M.fgd_masks([torch.tensor([[8.0, 8.0, 24.0, 40.0]])], 8, 8, 8)
+    expected = torch.zeros(8, 8)
+    expected[1:6, 1:4] = 1 / 15  # rows are y, columns are x
+    assert fg.shape == bg.shape == (1, 8, 8)
+    assert torch.allclose(fg[0], expected)
+    assert torch.allclose(bg[0], (expected == 0).float() / 49)  # 64 - 15 background cells
+
+
+def test_fgd_mask_scales_boxes_by_the_stride():
+    # The same box at stride 16: x 0.5..1.5 -> columns 0..2, y 0.5..2.5 -> rows 0..3 (12 cells).
+    fg, _ = M.fgd_masks([torch.tensor([[8.0, 8.0, 24.0, 40.0]])], 16, 4, 4)
+    expected = torch.zeros(4, 4)
+    expected[0:4, 0:3] = 1 / 12
+    assert torch.allclose(fg[0], expected)
+
+
+def test_fgd_mask_overlap_takes_the_max_and_empty_image():
+    big, small = [8.0, 8.0, 24.0, 40.0], [16.0, 16.0, 24.0, 24.0]  # small: rows 2..3, columns 2..3
+    fg, bg = M.fgd_masks([torch.tensor([big, small]), torch.zeros(0, 4)], 8, 8, 8)
+    expected = torch.zeros(8, 8)
+    expected[1:6, 1:4] = 1 / 15
+    expected[2:4, 2:4] = 1 / 4  # the smaller box's larger value wins where they overlap
+    assert torch.allclose(fg[0], expected)
+    assert torch.allclose(bg[0], (expected == 0).float() / 49)
+    assert torch.equal(fg[1], torch.zeros(8, 8))  # an image without boxes: all background
+    assert torch.allclose(bg[1], torch.full((8, 8), 1 / 64))
+
+
+def test_fgd_loss_matches_the_formula_by_hand():
+    fs, ft = _pair((2, 4, 4, 4), seed=1)
+    boxes = [torch.tensor([[0.0, 0.0, 8.0, 4.0]]), torch.zeros(0, 4)]
+    temp, (a, b, g, l) = 0.5, (1e-3, 5e-4, 5e-4, 5e-6)
+
+    def attention(x):  # explicit exponentials rather than softmax
+        sp = torch.exp(x.abs().mean(1) / temp)  # [N, H, W]
+        ch = torch.exp(x.abs().mean((2, 3)) / temp)  # [N, C]
+        return 16 * sp / sp.sum((1, 2), keepdim=True), 4 * ch / ch.sum(1, keepdim=True)
+
+    s_t, c_t = attention(ft)
+    s_s, c_s = attention(fs)
+    fg = torch.zeros(2, 4, 4)
+    fg[0, 0:2, 0:3] = 1 / 6  # x 0..8 / 4 -> columns 0..2, y 0..4 / 4 -> rows 0..1
+    bg = (fg == 0).float() / (fg == 0).float().sum((1, 2), keepdim=True)
+
+    def masked(x, m):  # the original's form: both maps times sqrt(mask * attentions), then summed MSE
+        return x * torch.sqrt(s_t[:, None]) * torch.sqrt(c_t[:, :, None, None]) * torch.sqrt(m[:, None])
+
+    fg_loss = ((masked(fs, fg) - masked(ft, fg)) ** 2).sum() / 2
+    bg_loss = ((masked(fs, bg) - masked(ft, bg)) ** 2).sum() / 2
+    att_loss = (c_s - c_t).abs().sum() / 2 + (s_s - s_t).abs().sum() / 2
+    global_loss = ((fs - ft) ** 2).sum() / 2  # both GcBlocks are the identity at init (last conv zero)
+    expected = a * fg_loss + b * bg_loss + g * att_loss + l * global_loss
+    got = M.FGD(4, temp=temp, alpha=a, beta=b, gamma=g, lam=l, weight=3.0)(fs, ft, boxes, 4)
+    assert got.item() == pytest.approx(3.0 * expected.item(), rel=1e-5)
+
+
+def test_fgd_needs_boxes_and_every_mechanism_same_shapes():
+    fs, ft = _pair()
+    with pytest.raises(ValueError, match="boxes"):
+        M.FGD(3)(fs, ft)
+    with pytest.raises(ValueError, match="Adapter"):
+        M.L2(3)(fs[:, :, :2], ft)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MGD and PKD
+# ---------------------------------------------------------------------------------------------------------
+def test_mgd_without_mask_and_identity_generator_is_summed_l2():
+    fs, ft = _pair()
+    mgd = M.MGD(3, alpha=2e-5, mask_ratio=0.0, weight=2.0)
+    mgd.generation = nn.Identity()
+    sq = sum((x - y) ** 2 for x, y in zip(fs.flatten().tolist(), ft.flatten().tolist()))
+    expected = 2.0 * 2e-5 * sq / 2  # weight * alpha * sum / N
+    assert mgd(fs, ft).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mgd_mask_ratio_shared_by_channels_and_seeded():
+    # fs = 1, ft = 0, G = identity: the loss counts the kept positions (times C), so it reads the mask.
+    n, c, h, w = 4, 3, 32, 32
+    mgd = M.MGD(c, alpha=1.0, mask_ratio=0.65)
+    mgd.generation = nn.Identity()
+    fs, ft = torch.ones(n, c, h, w), torch.zeros(n, c, h, w)
+    torch.manual_seed(0)
+    kept = mgd(fs, ft).item() * n / c  # kept positions, summed over the batch
+    assert kept == int(kept)  # a whole number: every channel of a position is kept or dropped together
+    assert kept / (n * h * w) == pytest.approx(0.35, abs=0.03)
+    torch.manual_seed(0)
+    assert mgd(fs, ft).item() * n / c == kept
+
+
+def test_pkd_ignores_a_per_channel_affine_change_of_the_student():
+    fs, ft = _pair((2, 3, 4, 4))
+    scale = torch.tensor([0.5, 2.0, 7.0]).view(1, 3, 1, 1)
+    shift = torch.tensor([-1.0, 3.0, 10.0]).view(1, 3, 1, 1)
+    pkd = M.PKD(3)
+    assert pkd(scale * fs + shift, ft).item() == pytest.approx(pkd(fs, ft).item(), abs=1e-5)
+
+
+def test_pkd_is_one_minus_pearson_r():
+    # With population std, z-scores have mean(z^2) = 1, so mean((zs - zt)^2) / 2 = (1 + 1 - 2 mean(zs zt)) / 2
+    # = 1 - r: the loss is weight * mean over channels of (1 - r_c).
+    fs, ft = _pair((2, 3, 4, 4))
+    rs = []
+    for c in range(3):
+        x, y = fs[:, c].flatten().tolist(), ft[:, c].flatten().tolist()
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        cov = sum((u - mx) * (v - my) for u, v in zip(x, y)) / len(x)
+        sx = math.sqrt(sum((u - mx) ** 2 for u in x) / len(x))
+        sy = math.sqrt(sum((v - my) ** 2 for v in y) / len(y))
+        rs.append(cov / (sx * sy))
+    expected = 10.0 * sum(1 - r for r in rs) / 3
+    assert M.PKD(3, weight=10.0)(fs, ft).item() == pytest.approx(expected, abs=1e-4)
+    assert M.PKD(3)(ft, ft.clone()).item() == pytest.approx(0.0, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# All five: gradients, precision, construction
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", M.NAMES)
+def test_gradient_reaches_student_and_mechanism_never_teacher(name):
+    torch.manual_seed(0)
+    teacher = nn.Conv2d(3, 8, 3, padding=1)
+    images = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # there is no backpropagation through the teacher
+        ft = teacher(images)
+    fs = torch.randn(2, 8, 8, 8, requires_grad=True)
+    mech = M.make(name, 8)
+    loss = mech(fs, ft, [torch.tensor([[8.0, 8.0, 40.0, 24.0]]), torch.zeros(0, 4)], 8)
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert fs.grad is not None and fs.grad.abs().sum() > 0
+    assert not ft.requires_grad and all(p.grad is None for p in teacher.parameters())
+    params = dict(mech.named_parameters())
+    if name in ("l2", "cwd", "pkd"):
+        assert not params
+    elif name == "mgd":
+        assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    else:  # fgd: the GcBlocks' last convs start at zero, so only they get gradient at first
+        for gc in (mech.gc_student, mech.gc_teacher):
+            assert gc.transform[-1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", M.NAMES)
+def test_teacher_is_detached_even_when_the_caller_forgets(name):
+    torch.manual_seed(0)
+    teacher = nn.Conv2d(3, 8, 3, padding=1)
+    ft = teacher(torch.randn(2, 3, 8, 8))  # no torch.no_grad(): ft carries a graph into the teacher
+    fs = torch.randn(2, 8, 8, 8, requires_grad=True)
+    M.make(name, 8)(fs, ft, [torch.tensor([[8.0, 8.0, 40.0, 24.0]])] * 2, 8).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("name", M.NAMES)
+def test_float32_under_bf16_autocast(name):
+    fs, ft = (x.bfloat16() for x in _pair((2, 4, 8, 8)))  # bf16 maps, as a bf16 forward hands them over
+    if name == "fgd":  # F_S = F_T: only the two GcBlocks' difference is left, so their convs must be float32
+        ft = fs
+    mech = M.make(name, 4, weight=1.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # nonzero everywhere, so FGD's GcBlocks are no longer the identity
+        for p in mech.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    boxes = [torch.tensor([[0.0, 0.0, 16.0, 24.0]])] * 2
+    torch.manual_seed(0)
+    ref = mech(fs.float(), ft.float(), boxes, 4)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = mech(fs, ft, boxes, 4)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)  # no op (conv included) ran in bf16
+
+
+def test_make_published_and_benchmark_settings():
+    for name in M.NAMES:
+        pub, bench = M.make(name, 8, published=True), M.make(name, 8)
+        for key, value in M.PUBLISHED[name].items():
+            assert getattr(pub, key) == value
+        for key, value in M.BENCHMARK[name].items():
+            assert getattr(bench, key) == value
+    assert M.make("cwd", 8, published=True).weight == 5.0 and M.make("pkd", 8, published=True).weight == 10.0
+    fgd = M.make("fgd", 8, published=True)
+    assert (fgd.temp, fgd.alpha, fgd.beta, fgd.gamma, fgd.lam) == (0.5, 1e-3, 5e-4, 5e-4, 5e-6)
+    mgd = M.make("mgd", 8, published=True)
+    assert (mgd.alpha, mgd.mask_ratio) == (2e-5, 0.65)
+    assert M.make("mgd", 8, mask_ratio=0.45, alpha=5e-7).mask_ratio == 0.45  # overrides on top
+    with pytest.raises(ValueError, match="unknown mechanism"):
+        M.make("at", 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In the training engine and the CLI
+# ---------------------------------------------------------------------------------------------------------
+def test_boxes_reach_fgd_in_the_teachers_input_frame():
+    """FGD's masks are boxes / stride in the teacher's padded input: a 0.5x model sees boxes halved."""
+    import engine
+    from conftest import tiny_batch, tiny_detector
+    images, targets = tiny_batch(2, size=64)
+    half, full = tiny_detector(scale=0.5).eval(), tiny_detector(scale=1.0).eval()
+    assert torch.allclose(engine.input_boxes(full, images, targets)[0], targets[0]["boxes"])
+    assert torch.allclose(engine.input_boxes(half, images, targets)[0], targets[0]["boxes"] / 2)
+
+
+@pytest.mark.parametrize("name", ["fgd", "mgd"])
+def test_distilled_step_trains_student_adapters_and_mechanism_not_teacher(name):
+    import engine
+    import mtpd
+    from conftest import tiny_batch, tiny_detector
+    torch.manual_seed(0)
+    student, teacher = tiny_detector(scale=0.5), tiny_detector(fpn_channels=32 if name == "mgd" else 16)
+    images, targets = tiny_batch(2)
+    adapters, mechs = engine.make_adapters(student, [teacher], images, name)
+    assert mechs is not None and set(mechs[0]) == set(adapters[0])
+    step = engine.Distilled(student, [mtpd.freeze(teacher)], adapters, 1.0, mechs)
+    losses = step(images, targets)
+    assert losses["distill"] > 0
+    losses["distill"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mechs[0].parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert engine.make_adapters(student, [teacher], images, "l2")[1] is None  # the L2 needs no modules
+
+
+def test_distill_cli_mixes_mechanisms_per_stage_and_exports_a_plain_student(zoo, tmp_path):
+    import json
+    from conftest import run_cli
+    base, root = zoo
+    out = tmp_path / "d"
+    common = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt", "--data", root,
+              "--keep-order", "--steps", "2", "--batch", "2"]
+    r = run_cli(*common, "--mechanism", "fgd", "pkd", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(out / "order.json"))["mechanisms"] == ["fgd", "pkd"]
+    sd = torch.load(out / "student.pt", weights_only=True)
+    assert set(sd) == set(torch.load(base / "s.pt", weights_only=True)["model"])  # no adapter or GcBlock
+    r = run_cli(*common, "--mechanism", "fgd", "pkd", "cwd", "--out", tmp_path / "e")
+    assert r.returncode == 2 and "one per stage" in r.stderr and not (tmp_path / "e" / "stage1.pt").exists()

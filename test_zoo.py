@@ -1,0 +1,404 @@
+"""Tests of the model zoo (models.py): torchvision parity, heterogeneous teacher/student pairs, weights.
+
+CPU only, no network. Models at torchvision's widths are built on the meta device (shapes, no memory) where
+only their structure is checked. Run: python -m pytest -q test_zoo.py
+"""
+import os
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_weight
+
+import mtpd
+from conftest import tiny_batch
+from models import (TORCHVISION, ZOO, Float32Anchors, FrozenBN, build_detector, fpn_features,
+                    load_backbone_weights, load_weights)
+
+NOT_MODULE = set(vars(nn.Module()))
+PLAIN = (bool, int, float, str, tuple, type(None))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run many tiny ops: one thread is ~10x faster than two on a busy 2-core machine, where
+    every OpenMP barrier waits for the descheduled thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def settings(model):
+    """Every plain attribute of every submodule: the hyperparameters a builder sets (anchor sizes, RPN and
+    RoI counts, loss types, transform sizes, conv strides, norm eps...)."""
+    out = {}
+    for name, m in model.named_modules():
+        for k, v in vars(m).items():
+            if k not in NOT_MODULE and k != "spec_name" and (
+                    isinstance(v, PLAIN) or isinstance(v, dict) and all(isinstance(x, PLAIN) for x in v.values())):
+                out[f"{name}.{k}"] = v
+    return out
+
+
+def hub_path(monkeypatch, tmp_path, name):
+    """An empty torch hub cache under tmp_path, no network; the path where weights `name` are cached."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, *a, **k):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(get_weight(name).url))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def one_line(excinfo):
+    return "\n" not in str(excinfo.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The exact torchvision names
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ours", list(TORCHVISION))
+def test_exact_names_are_torchvisions_builders(ours):
+    with torch.device("meta"):
+        a = build_detector(ours, 91)
+        b = getattr(torchvision.models.detection, TORCHVISION[ours])(weights=None, weights_backbone=None)
+        frozen = build_detector(ours, 91, pretrained=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(sa[k].shape == sb[k].shape for k in sa)
+    assert settings(a) == settings(b)  # same hyperparameters everywhere, anchors included
+    assert all(p.requires_grad for p in a.parameters())  # from scratch: everything trains, as torchvision's
+    assert list(frozen.state_dict()) == list(sa)  # same keys when built for finetuning
+
+
+@pytest.mark.parametrize("ours", ["retinanet_r50", "fcos_r50", "fasterrcnn_r50_v2"])
+def test_pretrained_build_is_torchvisions_recipe(ours, monkeypatch, tmp_path):
+    """torchvision given ImageNet weights: FrozenBatchNorm2d in the body (v1) and conv1/layer1 frozen."""
+    path = hub_path(monkeypatch, tmp_path, "ResNet50_Weights.IMAGENET1K_V1")
+    with torch.device("meta"):
+        torch.save(torchvision.models.resnet50().state_dict(), path)  # a stand-in file in the hub cache
+        a = build_detector(ours, 91, pretrained=True)
+        b = getattr(torchvision.models.detection, TORCHVISION[ours])(
+            weights_backbone=torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+    assert [(n, p.requires_grad) for n, p in a.named_parameters()] == [
+        (n, p.requires_grad) for n, p in b.named_parameters()]
+    frozen = [isinstance(m, torchvision.ops.FrozenBatchNorm2d) for m in a.modules()]
+    assert frozen == [isinstance(m, torchvision.ops.FrozenBatchNorm2d) for m in b.modules()]
+    assert any(frozen) == (not ours.endswith("_v2"))  # torchvision's v2 keeps BatchNorm2d
+
+
+def test_small_image_settings_apply_to_exact_names():
+    with torch.device("meta"):
+        retina = build_detector("retinanet_r50_v2", 5, scale=0.5, min_size=128, max_size=128, anchor_base=16)
+        fcos = build_detector("fcos_r50", 5, scale=0.5, min_size=128, max_size=128, anchor_base=16)
+        faster = build_detector("fasterrcnn_r50", 5, min_size=128, max_size=128, anchor_base=16)
+    assert retina.transform.min_size == (64,) and retina.transform.max_size == 64
+    assert retina.anchor_generator.sizes[0] == (8, 10, 12) and retina.anchor_generator.sizes[-1][0] == 128
+    assert fcos.anchor_generator.sizes == ((2.0,), (4.0,), (8.0,), (16.0,), (32.0,))  # one per level
+    assert fcos.center_sampling_radius * fcos.anchor_generator.sizes[0][0] == 1.5 * 8  # 1.5 strides
+    assert faster.rpn.anchor_generator.sizes[0] == (16,) and faster.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert faster.rpn._pre_nms_top_n == dict(training=600, testing=300)  # CPU-friendly at small sizes
+    assert retina.head.regression_head._loss_type == "giou"
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_model_gives_stride_keyed_features(name):
+    with torch.device("meta"):
+        model = build_detector(name, 8, min_size=64, max_size=64)
+        x = torch.empty(1, 3, 64, 64)
+        feats = mtpd.stride_keyed(x.shape[-2:], model.backbone(x))
+    two_stage = name.startswith(("fasterrcnn", "maskrcnn"))
+    assert sorted(feats) == ([4, 8, 16, 32, 64] if two_stage else [8, 16, 32, 64, 128])
+    assert feats[8].shape == (1, 256, 8, 8)
+    anchors = model.rpn.anchor_generator if two_stage else model.anchor_generator
+    assert isinstance(anchors, Float32Anchors) and len(anchors.sizes) == len(feats)  # one size set per level
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Heterogeneous pairs (§3.1, §4): levels paired by stride, the right adapter, one distillation step
+# ---------------------------------------------------------------------------------------------------------
+R, ALL = [8, 16, 32, 64], [8, 16, 32, 64, 128]
+
+
+def tiny(name, scale=1.0, size=64, num_classes=8, **kw):
+    """conftest.tiny_detector with a free FPN width."""
+    return build_detector(name, num_classes, scale, min_size=size, max_size=size,
+                          **{"fpn_channels": 16, "head_convs": 1, "anchor_base": 4, **kw})
+
+
+def distil_step(student, teacher, images, strides, kind):
+    """One step of §3.1 on the feature loss alone: levels paired by stride, one fresh adapter per level.
+    Checks the adapter kinds, that the student's backbone trains and that the teacher stays as it was."""
+    student.train().zero_grad(set_to_none=True)
+    mtpd.freeze(teacher).zero_grad(set_to_none=True)  # a teacher may have been a student before
+    with torch.no_grad():  # there is no backpropagation through the teacher
+        ft = fpn_features(teacher, images)
+    fs = fpn_features(student, images)
+    adapters = mtpd.build_adapters(fs, ft)
+    assert mtpd.common_strides(fs, ft) == strides and sorted(map(int, adapters)) == strides
+    kinds = {s: mtpd.adapter_kind(fs[s].shape, ft[s].shape) for s in strides}
+    assert kinds[strides[0]] == kind
+    if "upsample" not in kind:  # at tiny sizes the coarsest levels of two resolutions can both be 1x1
+        assert set(kinds.values()) == {kind}
+    before_s = {n: p.detach().clone() for n, p in student.named_parameters()}
+    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    loss = mtpd.feature_loss(fs, ft, adapters)
+    assert torch.isfinite(loss) and loss > 0
+    opt = torch.optim.SGD(list(student.parameters()) + list(adapters.parameters()), lr=0.1)
+    loss.backward()
+    opt.step()
+    changed = [n for n, p in student.named_parameters() if not torch.equal(p, before_s[n])]
+    assert any(n.startswith("backbone.") for n in changed) and all(n.startswith("backbone.") for n in changed)
+    assert all(torch.equal(v, before_t[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+PAIRS = {  # id: student, teacher (name, build kwargs), common strides, adapter kind
+    "retinanet<-fasterrcnn": (("retinanet_r18", {}), ("fasterrcnn_r18", {}), R, "identity"),
+    "retinanet<-maskrcnn": (("retinanet_r18", {}), ("maskrcnn_r18", {}), R, "identity"),
+    "r18<-r50": (("maskrcnn_r18", {}), ("maskrcnn_r50", {}), [4] + R, "identity"),
+    "retinanet<-fcos": (("retinanet_r18", {}), ("fcos_r18", {}), ALL, "identity"),
+    "fpn16<-fpn32": (("retinanet_r18", {}), ("retinanet_r18", dict(fpn_channels=32)), ALL, "conv"),
+    "fpn16,x0.5<-fpn32": (("retinanet_r18", dict(scale=0.5)), ("retinanet_r18", dict(fpn_channels=32)), ALL,
+                          "conv+upsample"),
+    # torchvision's widths (256-channel FPN, P2-P6) into a 16-channel P3-P7 student
+    "retinanet<-fasterrcnn_r50": (("retinanet_r18", {}), ("fasterrcnn_r50", dict(fpn_channels=256)), R, "conv"),
+}
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_heterogeneous_pair_distils(pair):
+    (sname, skw), (tname, tkw), strides, kind = PAIRS[pair]
+    torch.manual_seed(0)
+    distil_step(tiny(sname, **skw), tiny(tname, **tkw), tiny_batch(2, 64)[0], strides, kind)
+
+
+def test_low_resolution_student_from_higher_resolution_teachers():
+    """The paper's 0.25x student with teachers at 0.5x -> 0.75x -> 1x, one stage each (fresh adapters)."""
+    torch.manual_seed(0)
+    student, images = tiny("retinanet_r18", scale=0.25, size=128), tiny_batch(2, 128)[0]
+    for scale in (0.5, 0.75, 1.0):
+        distil_step(student, tiny("retinanet_r18", scale=scale, size=128), images, ALL, "upsample")
+
+
+def test_swin_teacher_cnn_student_and_back():
+    torch.manual_seed(0)
+    swin, cnn, images = tiny("retinanet_swin_t"), tiny("retinanet_r18"), tiny_batch(2, 64)[0]
+    distil_step(cnn, swin, images, ALL, "identity")
+    swin.requires_grad_(True)  # roles swapped: the Swin model is now the student
+    distil_step(swin, cnn, images, ALL, "identity")
+
+
+def test_two_stage_teacher_through_distill_losses():
+    """The training forward of §3.1 (hooked student features, detection + distillation terms)."""
+    torch.manual_seed(0)
+    student, teacher = tiny("retinanet_r18").train(), mtpd.freeze(tiny("fasterrcnn_r18"))
+    images, targets = tiny_batch(2, 64)
+    feats, hook = mtpd.capture_features(student.backbone)
+    with torch.no_grad():
+        adapters = mtpd.build_adapters(fpn_features(student, images), fpn_features(teacher, images))
+    losses = mtpd.distill_losses(student, images, targets, feats, [teacher], [adapters], fpn_features)
+    hook.remove()
+    assert set(losses) == {"classification", "bbox_regression", "distill"} and sorted(feats) == ALL
+    sum(losses.values()).backward()
+    assert student.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finetuning builds: FrozenBatchNorm2d with BatchNorm2d's keys, conv1/layer1 frozen
+# ---------------------------------------------------------------------------------------------------------
+def test_frozen_build_trains_like_torchvision_and_loads_both_ways(tmp_path):
+    scratch, frozen = tiny("retinanet_r18"), tiny("retinanet_r18", pretrained=True)
+    body = frozen.backbone.body
+    assert isinstance(body.bn1, FrozenBN) and not body.conv1.weight.requires_grad
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    stats = body.layer2[0].bn1.running_mean.clone()
+    frozen.train()(*tiny_batch(2, 64))
+    assert torch.equal(body.layer2[0].bn1.running_mean, stats)  # frozen statistics in train mode
+    # BatchNorm2d -> FrozenBN, strictly
+    frozen.load_state_dict(scratch.state_dict())
+    # FrozenBatchNorm2d (torchvision) -> BatchNorm2d / FrozenBN, strictly: no num_batches_tracked there
+    tv = torchvision.models.resnet18(norm_layer=torchvision.ops.FrozenBatchNorm2d).state_dict()
+    del tv["fc.weight"], tv["fc.bias"]
+    scratch.backbone.body.load_state_dict(tv)
+    frozen.backbone.body.load_state_dict(tv)
+    # a file without num_batches_tracked whose metadata says BatchNorm2d: load_weights fills the counters
+    sd = scratch.state_dict()
+    for k in [k for k in sd if k.endswith("num_batches_tracked")]:
+        del sd[k]
+    torch.save(sd, tmp_path / "no_counters.pt")
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        scratch.load_state_dict(torch.load(tmp_path / "no_counters.pt", weights_only=True))
+    assert load_weights(scratch, str(tmp_path / "no_counters.pt"), 8).startswith("loaded")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_weights / load_backbone_weights (no network: files and a stand-in torch hub cache)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tv_maskrcnn(tmp_path_factory):
+    """torchvision's maskrcnn_resnet50_fpn (weights=None) saved as a plain state_dict."""
+    path = tmp_path_factory.mktemp("tv") / "maskrcnn.pth"
+    torch.manual_seed(1)
+    sd = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    torch.save(sd, path)
+    return str(path), sd
+
+
+def test_load_torchvision_weights_file_and_name(tv_maskrcnn, monkeypatch, tmp_path):
+    path, sd = tv_maskrcnn
+    model = build_detector("maskrcnn_r50", 91, pretrained=True)
+    assert load_weights(model, path, 91) == f"loaded {len(sd)} tensors from {path}"
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    # the same file as torchvision's COCO weights in the torch hub cache: loaded by name, no network
+    cached = hub_path(monkeypatch, tmp_path, "MaskRCNN_ResNet50_FPN_Weights.COCO_V1")
+    os.symlink(path, cached)
+    assert cached in load_weights(model, "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", 91)
+    assert model.backbone.body.bn1.eps == 0.0  # torchvision trained these weights with eps 0
+
+
+def test_other_number_of_classes_keeps_all_but_the_class_layers(tv_maskrcnn):
+    path, sd = tv_maskrcnn
+    torch.manual_seed(0)
+    model = build_detector("maskrcnn_r50", 5, min_size=64, max_size=64)
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if v.shape != sd[k].shape}
+    msg = load_weights(model, path, 5)
+    assert sorted(fresh) == ["roi_heads.box_predictor.bbox_pred.bias", "roi_heads.box_predictor.bbox_pred.weight",
+                             "roi_heads.box_predictor.cls_score.bias", "roi_heads.box_predictor.cls_score.weight",
+                             "roi_heads.mask_predictor.mask_fcn_logits.bias",
+                             "roi_heads.mask_predictor.mask_fcn_logits.weight"]
+    assert "\n" not in msg and "fresh heads for 5 classes" in msg and "roi_heads.box_predictor.cls_score.weight" in msg
+    assert msg.startswith(f"kept {len(sd) - 6} tensors (backbone.body, backbone.fpn, rpn.head, roi_heads.box_head")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh[k] if k in fresh else sd[k]), k
+
+
+def test_retinanet_classes_and_mtpd_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    src = tiny("retinanet_r18", num_classes=8)
+    torch.save({"model": src.state_dict(), "spec": {"name": "retinanet_r18"}, "metrics": {"AP": 0.1}},
+               tmp_path / "ckpt.pt")
+    same = tiny("retinanet_r18", num_classes=8)
+    assert load_weights(same, str(tmp_path / "ckpt.pt"), 8).startswith("loaded")
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in same.state_dict().items())
+    other = tiny("retinanet_r18", num_classes=4)
+    msg = load_weights(other, str(tmp_path / "ckpt.pt"), 4)
+    assert msg.endswith("fresh heads for 4 classes: head.classification_head.cls_logits.weight, "
+                        "head.classification_head.cls_logits.bias")
+    assert torch.equal(other.head.regression_head.bbox_reg.weight, src.head.regression_head.bbox_reg.weight)
+
+
+@pytest.mark.parametrize("name", ["retinanet_r18", "fasterrcnn_r18"])
+def test_coco_class_layers_cut_to_the_dataset_categories(name, tmp_path):
+    """torchvision's COCO weights index classes by category id (91); our labels are 1..K in the order of
+    category_ids: the kept rows make the model score our labels as the COCO model scores those ids."""
+    torch.manual_seed(0)
+    coco, ids = tiny(name, num_classes=91), [3, 17, 90]
+    torch.save(coco.state_dict(), tmp_path / "coco.pt")
+    ours = tiny(name, num_classes=4)
+    msg = load_weights(ours, str(tmp_path / "coco.pt"), 4, category_ids=ids)
+    assert msg.endswith("class layers cut to background + 3 category ids")
+    rows = [0] + ids
+    with torch.no_grad():
+        if name.startswith("retinanet"):
+            x = torch.randn(1, 16, 4, 4)
+            a = coco.head.classification_head.cls_logits(x).view(1, 9, 91, 4, 4)[:, :, rows]
+            b = ours.head.classification_head.cls_logits(x).view(1, 9, 4, 4, 4)
+            assert torch.equal(a, b)
+        else:
+            x = torch.randn(5, 1024)
+            (sa, da), (sb, db) = coco.roi_heads.box_predictor(x), ours.roi_heads.box_predictor(x)
+            # allclose: a GEMM with 4 rows need not sum in the order of one with 91
+            assert torch.allclose(sa[:, rows], sb, atol=1e-6)
+            assert torch.allclose(da.view(5, 91, 4)[:, rows], db.view(5, 4, 4), atol=1e-6)
+    with pytest.raises(ValueError, match="3 category ids make 4 classes, not 5"):
+        load_weights(tiny(name, num_classes=5), str(tmp_path / "coco.pt"), 5, category_ids=ids)
+
+
+def test_mismatched_weights_are_one_line_errors(tmp_path):
+    model = tiny("retinanet_r18")
+    sd = model.state_dict()
+    sd["backbone.fpn.renamed.weight"] = sd.pop("backbone.fpn.inner_blocks.0.0.weight")
+    torch.save(sd, tmp_path / "renamed.pt")
+    with pytest.raises(ValueError, match=r"1 missing \(backbone.fpn.inner_blocks.0.0.weight\); "
+                                         r"1 unexpected \(backbone.fpn.renamed.weight\)") as e:
+        load_weights(model, str(tmp_path / "renamed.pt"), 8)
+    assert one_line(e)
+    torch.save(tiny("retinanet_r18", fpn_channels=32).state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match=r"of other shape \(backbone.fpn.inner_blocks.0.0.weight \[32, 128, 1, 1\] "
+                                         r"vs \[16, 128, 1, 1\]") as e:
+        load_weights(model, str(tmp_path / "wide.pt"), 8)
+    assert one_line(e)
+    with pytest.raises(ValueError, match="no such file, and not a torchvision weights name"):
+        load_weights(model, str(tmp_path / "absent.pt"), 8)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read weights") as e:
+        load_weights(model, str(tmp_path / "broken.pt"), 8)
+    assert one_line(e)
+
+
+def test_backbone_weights_by_name_from_the_hub_cache(monkeypatch, tmp_path):
+    path = hub_path(monkeypatch, tmp_path, "ResNet18_Weights.IMAGENET1K_V1")
+    torch.manual_seed(2)
+    imagenet = torchvision.models.resnet18().state_dict()
+    torch.save(imagenet, path)
+    model = tiny("retinanet_r18")
+    head = model.head.state_dict()
+    assert load_backbone_weights(model, "ResNet18_Weights.IMAGENET1K_V1") == \
+        f"loaded {len(imagenet) - 2} backbone tensors from {path}"
+    assert all(torch.equal(v, imagenet[k]) for k, v in model.backbone.body.state_dict().items())
+    assert all(torch.equal(v, head[k]) for k, v in model.head.state_dict().items())
+    with pytest.raises(ValueError, match=r"missing \(layer1.2.conv1.weight") as e:  # an R18 body into an R34
+        load_backbone_weights(tiny("retinanet_r34"), "ResNet18_Weights.IMAGENET1K_V1")
+    assert one_line(e)
+
+
+def test_swin_backbone_weights_from_a_file(tmp_path):
+    model = tiny("retinanet_swin_t")
+    feats = {f"features.{k}": v + 1 for k, v in model.backbone.features.state_dict().items()}
+    torch.save({**feats, "norm.weight": torch.ones(768), "norm.bias": torch.zeros(768),
+                "head.weight": torch.zeros(1000, 768), "head.bias": torch.zeros(1000)}, tmp_path / "swin.pth")
+    assert load_backbone_weights(model, str(tmp_path / "swin.pth")).startswith(f"loaded {len(feats)} backbone")
+    assert all(torch.equal(v, feats[f"features.{k}"]) for k, v in model.backbone.features.state_dict().items())
+
+
+def test_missing_weights_without_network_say_where_to_put_them(monkeypatch, tmp_path):
+    path = hub_path(monkeypatch, tmp_path, "RetinaNet_ResNet50_FPN_Weights.COCO_V1")
+    with pytest.raises(ValueError, match="cannot download RetinaNet_ResNet50_FPN_Weights.COCO_V1") as e:
+        load_weights(tiny("retinanet_r18"), "RetinaNet_ResNet50_FPN_Weights.COCO_V1", 91)
+    assert one_line(e) and str(e.value).endswith(
+        f"put {get_weight('RetinaNet_ResNet50_FPN_Weights.COCO_V1').url} at {path}")
+    assert not os.path.exists(path)
+
+
+def test_train_cli_loads_weights_files_and_reports_mismatches(shapes, tmp_path):
+    """`train --weights FILE --epochs 0` imports weights into an mtpd checkpoint (the COCO recipe's first
+    step); other classes keep everything but the class layers; a file of another model is one line, exit 2."""
+    from conftest import run_cli
+    root, _ = shapes
+    cats = len(data_categories(root))
+    src = build_detector("retinanet_r18", cats + 1, min_size=64, max_size=64)
+    torch.save(src.state_dict(), tmp_path / "same.pt")
+    torch.save(build_detector("retinanet_r18", cats + 4, min_size=64, max_size=64).state_dict(), tmp_path / "other.pt")
+    common = ["train", "--model", "retinanet_r18", "--data", root, "--epochs", "0", "--batch", "4"]
+    r = run_cli(*common, "--weights", tmp_path / "same.pt", "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-1500:]
+    got = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    assert got["spec"]["pretrained"] and all(torch.equal(v, got["model"][k]) for k, v in src.state_dict().items())
+    r = run_cli(*common, "--weights", tmp_path / "other.pt", "--out", tmp_path / "b")
+    assert r.returncode == 0 and "fresh heads" in r.stdout and "cls_logits" in r.stdout
+    r = run_cli(*common[:2], "retinanet_r34", *common[3:], "--weights", tmp_path / "same.pt", "--out", tmp_path / "c")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def data_categories(root):
+    import data
+    return data.CocoDetection(root, "val", masks=False).category_ids
