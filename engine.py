@@ -252,7 +252,8 @@ def make_adapters(student, teachers, images, mechanism="l2", published=False):
         ft = fpn_features(t, images)
         adapters.append(mtpd.build_adapters(fs, ft))
         if mechs is not None:  # per level, at the teacher's width (the adapter maps the student to it)
-            mechs.append(nn.ModuleDict({k: mechanisms.make(mechanism, ft[int(k)].shape[1], published) for k in adapters[-1]}))
+            mechs.append(nn.ModuleDict({k: mechanisms.make(mechanism, ft[int(k)].shape[1], published)
+                                        for k in adapters[-1]}))
     student.train()
     return adapters, mechs
 

@@ -151,7 +151,8 @@ def summary(results):
         lines.append(f"{k}: detection loss {an['landscape'][k]['loss0']:.3f}, mean rise "
                      + ", ".join(f"{v:.3f} at r={r}" for r, v in fl.items()))
     if "all_orders" in results:
-        lines.append(f"all orders: BGS's ranks {results['all_orders']['bgs_rank']} of {len(results['all_orders']['rows'])}")
+        ao = results["all_orders"]
+        lines.append(f"all orders: BGS's ranks {ao['bgs_rank']} of {len(ao['rows'])}")
     return "\n".join(lines)
 
 

@@ -190,6 +190,12 @@ def test_bad_inputs_fail_in_one_line_with_exit_2_and_write_nothing(zoo, tmp_path
          "does not exist"),
         (["order", "--cost", tmp_path / "cost.json", "--student", "s", "--k", "2"], "is every model in the cost"),
         (["train", "--model", "retinanet_r18", "--data", root, "--ckpt-every", "0", "--out", out], "--ckpt-every"),
+        (["distill", "--student", s, "--teachers", t1, t1, "--data", root, "--out", out], "the same label"),
+        (["distill", "--student", s, "--teachers", t1, "--data", root, "--mechanism", "cwd", "pkd", "--keep-order",
+          "--out", out], "one per stage"),
+        (["distill", "--student", s, "--teachers", t1, base / "t2.pt", "--data", root, "--mechanism", "cwd", "pkd",
+          "--out", out], "BGS decides"),
+        (["order", "--all", "--ckpt-student", s, "--teachers", t1, t1, "--data", root, "--out", out], "the same label"),
     ]
     if torch.cuda.is_available():
         cases = [c for c in cases if "cuda" not in c[0]]

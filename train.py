@@ -115,7 +115,7 @@ def cmd_train(args):
         return print(table({args.model: engine.read(final)["metrics"]}))
     size = max(train_loader.dataset.coco.imgs[i]["height"] for i in train_loader.dataset.ids)
     ds = train_loader.dataset
-    spec = make_spec(args.model, args.model, args.scale, args.min_size or size, ds.category_ids,
+    spec = make_spec(args.label or args.model, args.model, args.scale, args.min_size or size, ds.category_ids,
                      max_size=args.max_size or None, anchor_base=args.anchor_base or None,
                      pretrained=bool(args.weights or args.weights_backbone))  # torchvision's fine-tuning recipe
     model = build(spec, args.seed)
@@ -215,6 +215,8 @@ def cmd_order_all(args):
     device = args.dev
     student, sspec, _ = load(args.ckpt_student)
     teachers = {load(t)[1]["label"]: t for t in args.teachers}
+    if len(teachers) < len(args.teachers):
+        fail("two teachers have the same label: train them with different `train --label` names")
     root = dataset_root(args)
     train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
     check_classes(sspec, [load(t)[1] for t in args.teachers], train_loader.dataset.category_ids)
@@ -229,7 +231,8 @@ def cmd_order_all(args):
                                 train_opts(args))
     save_json(os.path.join(args.out, "all_orders.json"), res)
     for i, r in enumerate(res["rows"]):
-        print(f"{i + 1:2d}. {' -> '.join(r['order']):40s} AP {100 * r['AP']:5.1f}" + ("   <- BGS" if r["order"] == bgs else ""))
+        mark = "   <- BGS" if r["order"] == bgs else ""
+        print(f"{i + 1:2d}. {' -> '.join(r['order']):40s} AP {100 * r['AP']:5.1f}{mark}")
     print(f"BGS order {' -> '.join(bgs)}: rank {res['bgs_rank'] or 'n/a (fewer teachers than the pool)'} "
           f"of {len(res['rows'])}")
     return res
@@ -242,12 +245,17 @@ def cmd_distill(args):
     for path in args.teachers:
         m, spec, met = load(path, device)
         teachers[spec["label"]] = (path, m, met, spec)
+    if len(teachers) < len(args.teachers):
+        fail("two teachers have the same label: train them with different `train --label` names")
     root = dataset_root(args)
     train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
     check_classes(sspec, [t[3] for t in teachers.values()], train_loader.dataset.category_ids)
     check_writable(args.out)
     log = engine.jsonl(os.path.join(args.out, "log.jsonl"))
     order_path = os.path.join(args.out, "order.json")
+    if len(args.mechanism) > 1 and (not args.keep_order or len(args.mechanism) != len(teachers)):
+        fail(f"--mechanism takes one mechanism, or one per stage with --keep-order ({len(teachers)} stages), "
+             f"not {len(args.mechanism)}: BGS decides how many stages there are")
     if args.resume and os.path.isfile(order_path):  # the order this run already chose
         order = json.load(open(order_path))["order"]
     elif args.keep_order:
@@ -308,6 +316,7 @@ def get_args_parser():
     p = sub.add_parser("train", help="train one detector from scratch")
     common(p)
     p.add_argument("--model", required=True, help=f"one of: {', '.join(ZOO)}")
+    p.add_argument("--label", help="the model's name in costs and orders (default: --model)")
     p.add_argument("--scale", type=float, default=1.0, help="input resolution factor (0.25..1)")
     p.add_argument("--min-size", type=int, default=0, help="base input size (default: the images' size)")
     p.add_argument("--max-size", type=int, default=0, help="longest side (default: --min-size; COCO: 1333)")
