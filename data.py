@@ -187,6 +187,11 @@ def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, p
 # ---------------------------------------------------------------------------------------------------------
 # COCO-format dataset with torchvision's detection contract.
 # ---------------------------------------------------------------------------------------------------------
+class DataError(ValueError):
+    """A problem with the data on disk, in one line naming the file (train.py prints it without a traceback,
+    also when it surfaces in the middle of training)."""
+
+
 def read_annotations(path, image_dir):
     """A COCO instances file as a pycocotools COCO, checked before any training starts: every problem is a
     ValueError of one line naming the file (missing, not JSON, missing keys, duplicate ids, an annotation
@@ -196,30 +201,30 @@ def read_annotations(path, image_dir):
         with open(path) as f:
             d = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"annotation file {path} does not exist") from None
+        raise DataError(f"annotation file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"annotation file {path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+        raise DataError(f"annotation file {path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(d, dict) or k not in d]
     if missing:
-        raise ValueError(f"annotation file {path} lacks {', '.join(missing)}: a COCO instances file needs "
+        raise DataError(f"annotation file {path} lacks {', '.join(missing)}: a COCO instances file needs "
                          "'images', 'annotations' and 'categories'")
     for key, need in (("images", ("id", "file_name", "height", "width")),
                       ("annotations", ("id", "image_id", "category_id", "bbox")), ("categories", ("id",))):
         bad = next((x for x in d[key] if not isinstance(x, dict) or any(k not in x for k in need)), None)
         if bad is not None:
-            raise ValueError(f"annotation file {path}: an entry of '{key}' lacks one of {list(need)}: {str(bad)[:80]}")
+            raise DataError(f"annotation file {path}: an entry of '{key}' lacks one of {list(need)}: {str(bad)[:80]}")
         dup = next((i for i, n in collections.Counter(x["id"] for x in d[key]).items() if n > 1), None)
         if dup is not None:
-            raise ValueError(f"annotation file {path}: id {dup} appears more than once in '{key}'")
+            raise DataError(f"annotation file {path}: id {dup} appears more than once in '{key}'")
     images, cats = {im["id"]: im for im in d["images"]}, {c["id"] for c in d["categories"]}
     for a in d["annotations"]:
         problem = _ann_problem(a, images, cats)
         if problem:
-            raise ValueError(f"annotation file {path}: annotation {a['id']}: {problem}")
+            raise DataError(f"annotation file {path}: annotation {a['id']}: {problem}")
         a.setdefault("area", a["bbox"][2] * a["bbox"][3])
     absent = [im["file_name"] for im in d["images"] if not os.path.isfile(os.path.join(image_dir, im["file_name"]))]
     if absent:
-        raise ValueError(f"{len(absent)} image(s) listed in {path} are missing from {image_dir}, e.g. {absent[0]}")
+        raise DataError(f"{len(absent)} image(s) listed in {path} are missing from {image_dir}, e.g. {absent[0]}")
     coco = COCO()
     coco.dataset = d
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -269,7 +274,7 @@ def load_image(path):
                 return torch.from_numpy(grey).clamp_(0, 1)[None].repeat(3, 1, 1)
             return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255)
     except OSError as e:  # PIL's UnidentifiedImageError is one
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise DataError(f"cannot read image {path}: {e}") from None
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -304,7 +309,7 @@ class CocoDetection(torch.utils.data.Dataset):
                     dropped += 1
                     continue
                 if masks and "segmentation" not in a:
-                    raise ValueError(f"annotation file {path}: annotation {a['id']} has no 'segmentation'; "
+                    raise DataError(f"annotation file {path}: annotation {a['id']} has no 'segmentation'; "
                                      "a mask model needs instance masks")
                 self.instances[i].append((box, a))
         if dropped:  # once per dataset, not per item
@@ -320,7 +325,7 @@ class CocoDetection(torch.utils.data.Dataset):
         file = os.path.join(self.root, f"{self.split}2017", info["file_name"])
         image = load_image(file)  # [3, H, W]
         if image.shape[1:] != (h, w):
-            raise ValueError(f"image {file} is {image.shape[2]}x{image.shape[1]} px, its annotation says {w}x{h}")
+            raise DataError(f"image {file} is {image.shape[2]}x{image.shape[1]} px, its annotation says {w}x{h}")
         kept = self.instances[image_id]
         boxes = torch.tensor([b for b, _ in kept], dtype=torch.float32).reshape(-1, 4)
         target = {"boxes": boxes,

@@ -226,12 +226,15 @@ class Distilled(nn.Module):
         super().__init__()
         self.student, self.adapters, self.teachers, self.lam = student, nn.ModuleList(adapters), teachers, lam
         self.mechs = nn.ModuleList(mechs) if mechs is not None else None
+        # boxes in each teacher's frame cost a second resize of the batch: only for mechanisms that use them
+        uses_boxes = any(getattr(m, "needs_boxes", False) for d in mechs or [] for m in d.values())
+        self.boxes = input_boxes if uses_boxes else None
         self.feats, self.hook = mtpd.capture_features(student.backbone)
 
     def forward(self, images, targets):
         return mtpd.distill_losses(self.student, images, targets, self.feats, self.teachers, list(self.adapters),
                                    fpn_features, self.lam, None if self.mechs is None else list(self.mechs),
-                                   None if self.mechs is None else input_boxes)
+                                   self.boxes)
 
 
 def input_boxes(model, images, targets):
@@ -435,12 +438,8 @@ def check_classes(student_spec, specs, root_cats=None):
         fail(f"the data has categories {list(root_cats)}, the student was trained on {want}; use the same data")
 
 
-COLS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-
-
-def table(rows):
-    lines = [f"{'run':12s}" + "".join(f"{c:>7s}" for c in COLS)]
-    for name, m in rows.items():
-        lines.append(f"{name:12s}" + "".join(f"{100 * m[c]:7.1f}" if m[c] >= 0 else f"{'n/a':>7s}"
-                                             for c in COLS))  # COCOeval's -1: no object of that size
-    return "\n".join(lines)
+def check_labels(labels):
+    """Costs, orders and stage files are keyed by label: every model of a command needs its own."""
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        fail(f"two models have the label '{dup[0]}': train them with different `train --label` names")

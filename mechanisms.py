@@ -154,6 +154,8 @@ class FGD(nn.Module):
     channel counts is not needed: mtpd's Adapter has already mapped the student to the teacher's shape.
     """
 
+    needs_boxes = True  # the caller passes the ground truth only to mechanisms that use it
+
     def __init__(self, channels, temp=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lam=5e-6, weight=1.0):
         super().__init__()
         self.temp, self.alpha, self.beta, self.gamma, self.lam = temp, alpha, beta, gamma, lam

@@ -14,6 +14,13 @@ import sys
 COLS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
+def table(rows):
+    """A console table of {run: metrics}, AP columns in percent (COCOeval's -1: no object of that size)."""
+    lines = [f"{'run':12s}" + "".join(f"{c:>7s}" for c in COLS)]
+    lines += [f"{name:12s}" + "".join(f"{pct(m[c]):>7s}" for c in COLS) for name, m in rows.items()]
+    return "\n".join(lines)
+
+
 def pyplot():
     """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
     try:
@@ -142,8 +149,7 @@ def summary(results):
     lines += [f"{a:{w}s}" + "".join(f"{cost[a].get(b, 0.0):{w}.3f}" for b in names) for a in names]
     lines += ["", "teachers: " + ", ".join(f"{k} AP {pct(v['AP'])}" for k, v in results["teachers"].items()),
               f"order: {' -> '.join(results['order'])}; budget {results['budget_steps']} steps after OTS "
-              "for each row below", "", f"{'run':12s}" + "".join(f"{c:>7s}" for c in COLS)]
-    lines += [f"{k:12s}" + "".join(f"{pct(m[c]):>7s}" for c in COLS) for k, m in runs.items()]
+              "for each row below", "", table(runs)]
     for k, v in results.get("mechanisms", {}).items():
         lines.append(f"{k:4s} direct {pct(v['direct']['AP']):>5s}   mtpd {pct(v['mtpd']['AP']):>5s}")
     an = results.get("analysis", {})

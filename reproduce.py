@@ -88,6 +88,9 @@ def reproduce(p, preset, out, root, make_loaders, device, seed, opts, mechanism=
     runs = {"ots": ots}
     S = p["stage_steps"]  # the long run keeps its weights at each MTPD stage boundary, for §3.5
     snaps = {k * S: os.path.join(out, "ckpt", f"long@{k * S}.pt") for k in range(1, len(order))}
+    if os.path.isfile(ckpt("long")) and not all(map(os.path.isfile, snaps.values())):
+        print(f"note: {ckpt('long')} predates its stage-boundary snapshots; delete it to retrain it with them "
+              "(§3.5's long curve has only its end points until then)")
     runs["long"] = ready("long", s, budget, init=ckpt("ots"), snapshots=snaps)
     runs["direct"] = ready("direct", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])])
     runs["ensemble"] = ready("ensemble", s, budget, init=ckpt("ots"), teachers=[ckpt(t) for t in order])
@@ -104,17 +107,18 @@ def reproduce(p, preset, out, root, make_loaders, device, seed, opts, mechanism=
                "teachers": pool, "stages": stages, "runs": runs, "budget_steps": budget}
     # 4. Fig. 4 (opt-in): another mechanism in place of the L2, direct vs MTPD, with the L2 rows' seeds
     mechs = {"l2": {"direct": runs["direct"], "mtpd": runs["mtpd"]}}
+    pub = "_published" if published else ""  # the two weightings are cached under different labels
     for m in [m for m in mechanisms.NAMES if m != "l2" and (m in mechanism or "all" in mechanism)]:
-        direct = ready(f"direct_{m}", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])],
+        direct = ready(f"direct_{m}{pub}", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])],
                        fixed_seed=seed + sum(map(ord, "direct")), mechanism=m)
         at = ckpt("ots")
         for i, t in enumerate(order):
-            last = ready(f"mtpd_{m}_stage{i + 1}", s, S, init=at, teachers=[ckpt(t)],
+            last = ready(f"mtpd_{m}{pub}_stage{i + 1}", s, S, init=at, teachers=[ckpt(t)],
                          fixed_seed=seed + sum(map(ord, f"mtpd_stage{i + 1}")), mechanism=m)
-            at = ckpt(f"mtpd_{m}_stage{i + 1}")
+            at = ckpt(f"mtpd_{m}{pub}_stage{i + 1}")
         mechs[m] = {"direct": direct, "mtpd": last}
     if len(mechs) > 1:
-        results["mechanisms"] = mechs
+        results["mechanisms"], results["published_weights"] = mechs, published
     # 5. §3.5 for the longer-trained and the MTPD student: loss vs AP at each stage boundary, flatness
     def student_at(path):  # a checkpoint, or a snapshot of the long run (a bare state_dict)
         ck = engine.read(path)
@@ -152,6 +156,8 @@ def every_order(student, teachers, bgs, steps, lr, lam, out, train_loader, val_l
     `steps` iterations per stage. A prefix's student is cached in out/<t1+t2...>.pt, so orders sharing a
     prefix share its stages and an interrupted run continues. Every order uses the same seed per stage
     index, so orders differ only by their teachers. Returns {teachers, stage_steps, rows, bgs, bgs_rank}."""
+    check_setup(out, student, teachers, steps, lr, lam, seed)
+
     def run_prefix(prefix):
         path = os.path.join(out, "+".join(prefix) + ".pt")
         if os.path.isfile(path):
@@ -170,3 +176,15 @@ def every_order(student, teachers, bgs, steps, lr, lam, out, train_loader, val_l
     rows = analysis.all_orders(list(teachers), run_prefix)
     return {"teachers": list(teachers), "stage_steps": steps, "rows": rows, "bgs": list(bgs),
             "bgs_rank": analysis.rank_of(rows, bgs)}
+
+
+def check_setup(out, student, teachers, steps, lr, lam, seed):
+    """every_order's cache is keyed by teachers only: out/setup.json records the rest, and a folder that
+    holds the orders of another setup is refused rather than silently reused."""
+    setup = {"student": os.path.abspath(student), "steps": steps, "lr": lr, "lam": lam, "seed": seed,
+             "teachers": {k: os.path.abspath(v) for k, v in teachers.items()}}
+    path = os.path.join(out, "setup.json")
+    if os.path.isfile(path) and json.load(open(path)) != setup:
+        engine.fail(f"{out} holds the orders of another setup (student, teachers, steps, lr, lam or seed differ); "
+                    "choose another --out")
+    save_json(path, setup)

@@ -162,6 +162,9 @@ def test_bad_inputs_fail_in_one_line_with_exit_2_and_write_nothing(zoo, tmp_path
     no_image = _coco_copy(root, tmp_path / "noimage", lambda p: os.remove(os.path.join(os.path.dirname(p), "..",
                                                                                        "train2017", "000000.png")))
 
+    broken = _coco_copy(root, tmp_path / "broken", lambda p: open(os.path.join(os.path.dirname(p), "..",
+                                                                              "train2017", "000000.png"), "w").write("x"))
+
     def empty_val(p):
         v = p.replace("train2017", "val2017")
         d = json.load(open(v))
@@ -171,6 +174,10 @@ def test_bad_inputs_fail_in_one_line_with_exit_2_and_write_nothing(zoo, tmp_path
     ck = torch.load(t1, weights_only=True)
     ck["spec"]["category_ids"] = [1, 2, 3, 4, 5]
     torch.save(ck, other)
+    named_s = tmp_path / "named_s.pt"  # a teacher with the student's label
+    ck = torch.load(t1, weights_only=True)
+    ck["spec"]["label"] = "s"
+    torch.save(ck, named_s)
     json.dump({"cost": {"s": {"t1": 0.5}, "t1": {"s": 0.1}}, "ap": {"t1": 0.3, "t2": 0.4}},
               open(tmp_path / "cost.json", "w"))
     (tmp_path / "afile").write_text("x")
@@ -180,6 +187,7 @@ def test_bad_inputs_fail_in_one_line_with_exit_2_and_write_nothing(zoo, tmp_path
         (train_args + [no_keys], "lacks annotations, categories"),
         (train_args + [no_image], "missing from"),
         (train_args + [empty], "empty split"),
+        (train_args + [broken], "cannot read image"),  # found only when its batch is loaded, mid-training
         (["train", "--model", "retinanet_vgg", "--out", out, "--data", root], "known models: retinanet_r18"),
         (["train", "--model", "retinanet_r18", "--data", root, "--out", tmp_path / "afile" / "sub"],
          "not a writable folder"),
@@ -190,12 +198,15 @@ def test_bad_inputs_fail_in_one_line_with_exit_2_and_write_nothing(zoo, tmp_path
          "does not exist"),
         (["order", "--cost", tmp_path / "cost.json", "--student", "s", "--k", "2"], "is every model in the cost"),
         (["train", "--model", "retinanet_r18", "--data", root, "--ckpt-every", "0", "--out", out], "--ckpt-every"),
-        (["distill", "--student", s, "--teachers", t1, t1, "--data", root, "--out", out], "the same label"),
+        (["distill", "--student", s, "--teachers", t1, t1, "--data", root, "--out", out], "have the label 't1'"),
+        (["distill", "--student", s, "--teachers", named_s, "--data", root, "--out", out], "have the label 's'"),
+        (["cost", "--ckpts", s, named_s, "--data", root, "--out", out / "c.json"], "have the label 's'"),
         (["distill", "--student", s, "--teachers", t1, "--data", root, "--mechanism", "cwd", "pkd", "--keep-order",
           "--out", out], "one per stage"),
         (["distill", "--student", s, "--teachers", t1, base / "t2.pt", "--data", root, "--mechanism", "cwd", "pkd",
           "--out", out], "BGS decides"),
-        (["order", "--all", "--ckpt-student", s, "--teachers", t1, t1, "--data", root, "--out", out], "the same label"),
+        (["order", "--all", "--ckpt-student", s, "--teachers", t1, named_s, "--data", root, "--out", out],
+         "have the label 's'"),
     ]
     if torch.cuda.is_available():
         cases = [c for c in cases if "cuda" not in c[0]]

@@ -285,5 +285,7 @@ def test_distill_cli_mixes_mechanisms_per_stage_and_exports_a_plain_student(zoo,
     assert json.load(open(out / "order.json"))["mechanisms"] == ["fgd", "pkd"]
     sd = torch.load(out / "student.pt", weights_only=True)
     assert set(sd) == set(torch.load(base / "s.pt", weights_only=True)["model"])  # no adapter or GcBlock
+    r = run_cli(*common, "--mechanism", "cwd", "--resume", "--out", out)  # resuming with another loss
+    assert r.returncode == 2 and "resume with the same" in r.stderr
     r = run_cli(*common, "--mechanism", "fgd", "pkd", "cwd", "--out", tmp_path / "e")
     assert r.returncode == 2 and "one per stage" in r.stderr and not (tmp_path / "e" / "stage1.pt").exists()

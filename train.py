@@ -21,9 +21,10 @@ import mechanisms
 import models
 import mtpd
 import reproduce
-from engine import (build, check_classes, check_writable, load, make_spec, save, save_ckpt, save_json, table,
+from engine import (build, check_classes, check_labels, check_writable, load, make_spec, save, save_ckpt, save_json,
                     teacher_order)
 from models import ZOO
+from report import table
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets for `reproduce`. A pool entry is (label, model name, input scale, extra build kwargs).
@@ -182,6 +183,7 @@ def cmd_eval(args):
 def cmd_cost(args):
     device = args.dev
     loaded = [load(c, device) for c in args.ckpts]
+    check_labels([spec["label"] for _, spec, _ in loaded])
     root = dataset_root(args)
     check_writable(args.out)
     models = {spec["label"]: m for m, spec, _ in loaded}
@@ -214,17 +216,18 @@ def cmd_order_all(args):
         fail(f"order --all trains sum over l of n!/(n-l)! stages: give at most 4 teachers, not {len(args.teachers)}")
     device = args.dev
     student, sspec, _ = load(args.ckpt_student)
-    teachers = {load(t)[1]["label"]: t for t in args.teachers}
-    if len(teachers) < len(args.teachers):
-        fail("two teachers have the same label: train them with different `train --label` names")
+    loaded = {path: load(path) for path in args.teachers}  # (model, spec, metrics)
+    check_labels([sspec["label"]] + [spec["label"] for _, spec, _ in loaded.values()])
+    teachers = {spec["label"]: path for path, (_, spec, _) in loaded.items()}
     root = dataset_root(args)
     train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
-    check_classes(sspec, [load(t)[1] for t in args.teachers], train_loader.dataset.category_ids)
+    check_classes(sspec, [spec for _, spec, _ in loaded.values()], train_loader.dataset.category_ids)
     check_writable(args.out)
-    models = {sspec["label"]: student, **{k: load(v)[0] for k, v in teachers.items()}}
+    reproduce.check_setup(args.out, args.ckpt_student, teachers, args.steps, args.lr, args.lam, args.seed)
+    models = {sspec["label"]: student, **{spec["label"]: m for m, spec, _ in loaded.values()}}
     cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), args.images, device)
-    ap = {k: engine.read(v)["metrics"].get("AP") or engine.evaluate(models[k], val_loader, device)["AP"]
-          for k, v in teachers.items()}
+    ap = {spec["label"]: met["AP"] if met.get("AP") is not None else engine.evaluate(m, val_loader, device)["AP"]
+          for m, spec, met in loaded.values()}
     bgs = teacher_order(cost, sspec["label"], ap, len(teachers))
     res = reproduce.every_order(args.ckpt_student, teachers, bgs, args.steps, args.lr, args.lam, args.out, train_loader,
                                 val_loader, engine.jsonl(os.path.join(args.out, "log.jsonl")), args.dev, args.seed,
@@ -241,12 +244,9 @@ def cmd_order_all(args):
 def cmd_distill(args):
     device = args.dev
     student, sspec, _ = load(args.student, device)
-    teachers = {}
-    for path in args.teachers:
-        m, spec, met = load(path, device)
-        teachers[spec["label"]] = (path, m, met, spec)
-    if len(teachers) < len(args.teachers):
-        fail("two teachers have the same label: train them with different `train --label` names")
+    loaded = [(path, *load(path, device)) for path in args.teachers]
+    check_labels([sspec["label"]] + [spec["label"] for _, _, spec, _ in loaded])
+    teachers = {spec["label"]: (path, m, met, spec) for path, m, spec, met in loaded}
     root = dataset_root(args)
     train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
     check_classes(sspec, [t[3] for t in teachers.values()], train_loader.dataset.category_ids)
@@ -256,8 +256,10 @@ def cmd_distill(args):
     if len(args.mechanism) > 1 and (not args.keep_order or len(args.mechanism) != len(teachers)):
         fail(f"--mechanism takes one mechanism, or one per stage with --keep-order ({len(teachers)} stages), "
              f"not {len(args.mechanism)}: BGS decides how many stages there are")
+    saved = {}
     if args.resume and os.path.isfile(order_path):  # the order this run already chose
-        order = json.load(open(order_path))["order"]
+        saved = json.load(open(order_path))
+        order = saved["order"]
     elif args.keep_order:
         order = list(teachers)
     else:
@@ -270,8 +272,11 @@ def cmd_distill(args):
     if len(args.mechanism) not in (1, len(order)):
         fail(f"--mechanism takes one mechanism, or one per stage ({len(order)}), not {len(args.mechanism)}")
     mech = args.mechanism * len(order) if len(args.mechanism) == 1 else args.mechanism
+    if saved.get("mechanisms", mech) != mech or saved.get("published", args.published_weights) != args.published_weights:
+        fail(f"{args.out} was started with other --mechanism / --published-weights: resume with the same")
     print(f"order: {' -> '.join(f'{t} ({m})' for t, m in zip(order, mech))}")
-    save_json(order_path, {"student": sspec["label"], "order": order, "mechanisms": mech})
+    save_json(order_path, {"student": sspec["label"], "order": order, "mechanisms": mech,
+                           "published": args.published_weights})
 
     def run_stage(model, stage_teachers, i):
         done, state = os.path.join(args.out, f"stage{i + 1}.pt"), os.path.join(args.out, f"stage{i + 1}.state.pt")
@@ -395,8 +400,9 @@ def main(argv=None):
                 sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
         return {"train": cmd_train, "eval": cmd_eval, "cost": cmd_cost, "order": cmd_order,
                 "distill": cmd_distill, "reproduce": cmd_reproduce}[args.cmd](args)
-    except engine.InputError as e:  # bad input: one line, no traceback, exit code 2
-        print(f"error: {e}", file=sys.stderr)
+    except (engine.InputError, data.DataError) as e:  # bad input: one line, no traceback, exit code 2
+        # (a DataLoader worker re-raises a DataError with its traceback in front: keep the message)
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}", file=sys.stderr)
         sys.exit(2)
     finally:
         if engine.distributed():
