@@ -122,10 +122,8 @@ def reproduce(p, preset, out, root, make_loaders, device, seed, opts, mechanism=
     # 5. §3.5 for the longer-trained and the MTPD student: loss vs AP at each stage boundary, flatness
     def student_at(path):  # a checkpoint, or a snapshot of the long run (a bare state_dict)
         ck = engine.read(path)
-        if "model" in ck:
-            return load(path)[0]
         model = build(spec)
-        model.load_state_dict(ck)
+        model.load_state_dict(ck.get("model", ck))  # read once: a checkpoint holds its weights under "model"
         return model
 
     start = [(0, ckpt("ots"), ots)]

@@ -85,9 +85,12 @@ def train_opts(args):
     return dict(bf16=on, channels_last=on, compile=args.compile, every=args.ckpt_every, resume=args.resume)
 
 
+def workers(args):
+    return args.workers if args.workers >= 0 else (4 if args.device == "cuda" else 0)
+
+
 def loaders(args, root, batch, seed, masks):
-    workers = args.workers if args.workers >= 0 else (4 if args.device == "cuda" else 0)
-    return engine.loaders(root, batch, seed, masks, args.dev, workers)
+    return engine.loaders(root, batch, seed, masks, args.dev, workers(args))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,8 +164,7 @@ def cmd_eval(args):
         ds = data.CocoDetection(root, "val", masks=False)
     except ValueError as e:
         fail(str(e))
-    workers = args.workers if args.workers >= 0 else (4 if args.device == "cuda" else 0)
-    val_loader = torch.utils.data.DataLoader(ds, args.batch, collate_fn=data.collate, num_workers=workers)
+    val_loader = torch.utils.data.DataLoader(ds, args.batch, collate_fn=data.collate, num_workers=workers(args))
     if ds.category_ids != spec["category_ids"]:
         fail(f"{args.ckpt} was trained on categories {spec['category_ids']}, the data at {root} has "
              f"{ds.category_ids}: evaluate on data of the same categories")
