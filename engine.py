@@ -20,7 +20,7 @@ from tqdm import tqdm
 import data
 import mechanisms
 import mtpd
-from models import build_detector, fpn_features
+from models import build_detector, fpn_features, inherit
 
 
 class InputError(Exception):
@@ -230,11 +230,13 @@ class Distilled(nn.Module):
         uses_boxes = any(getattr(m, "needs_boxes", False) for d in mechs or [] for m in d.values())
         self.boxes = input_boxes if uses_boxes else None
         self.feats, self.hook = mtpd.capture_features(student.backbone)
+        self.levels = {}  # stride -> this step's feature loss at that level (tensors, read when logging)
 
     def forward(self, images, targets):
+        self.levels.clear()
         return mtpd.distill_losses(self.student, images, targets, self.feats, self.teachers, list(self.adapters),
                                    fpn_features, self.lam, None if self.mechs is None else list(self.mechs),
-                                   self.boxes)
+                                   self.boxes, self.levels)
 
 
 def input_boxes(model, images, targets):
@@ -245,15 +247,16 @@ def input_boxes(model, images, targets):
 
 
 @torch.no_grad()
-def make_adapters(student, teachers, images, mechanism="l2", published=False):
-    """One nn.ModuleDict of adapters per teacher, their kinds read off the features of one batch; and,
-    for a mechanism other than the L2, one ModuleDict of its per-level modules per teacher (else None)."""
+def make_adapters(student, teachers, images, mechanism="l2", published=False, conv=False):
+    """One nn.ModuleDict of adapters per teacher, their kinds read off the features of one batch (conv:
+    a learned 1x1 conv even where the widths match); and, for a mechanism other than the L2, one
+    ModuleDict of its per-level modules per teacher (else None)."""
     student.eval()
     fs = fpn_features(student, images)
     adapters, mechs = [], None if mechanism == "l2" else []
     for t in teachers:
         ft = fpn_features(t, images)
-        adapters.append(mtpd.build_adapters(fs, ft))
+        adapters.append(mtpd.build_adapters(fs, ft, conv))
         if mechs is not None:  # per level, at the teacher's width (the adapter maps the student to it)
             mechs.append(nn.ModuleDict({k: mechanisms.make(mechanism, ft[int(k)].shape[1], published)
                                         for k in adapters[-1]}))
@@ -277,7 +280,7 @@ def train_step(step_module, opt, sched, params, images, targets, bf16=False):
 
 def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, desc="train", log=None,
                bf16=False, channels_last=False, compile=False, state=None, every=0, resume=False, snapshots=None,
-               mechanism="l2", published=False):
+               mechanism="l2", published=False, inherit_first=False, conv_adapter=False):
     """Train `model` for `steps` iterations with a fresh AdamW and LR schedule (a fresh optimiser per
     stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added, or,
     with `mechanism` in mechanisms.NAMES other than 'l2', that mechanism's loss (fresh modules too, §3.4;
@@ -289,7 +292,13 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
     state found there is continued, and on a CPU the result is identical to an uninterrupted run.
     snapshots: {iteration: file}: the student's state_dict after that many iterations (§3.5 compares a
     longer-trained student with the MTPD student at each stage boundary).
-    Returns the mean detection loss over the last 20% of steps (§3.5 compares it with validation AP)."""
+    inherit_first: before training, copy the first teacher's neck and head into the student where they
+    play the same role (models.inherit; the authors' code does it before stage 1). conv_adapter: learned
+    1x1 conv adapters even where the widths match.
+    Every 10 iterations `log` gets the detection terms and the feature loss per level (after lam).
+    Returns {train_det_loss: the mean detection loss over the last 20% of steps (§3.5 compares it with
+    validation AP), distill_ratio_start / distill_ratio_end: feature loss / detection loss at the first
+    logged iteration and over the last 20% (with teachers)}."""
     torch.manual_seed(seed + rank())  # augmentation differs per rank; the data order is shared
     loader.batch_sampler.seed, loader.batch_sampler.start = seed, 0
     fmt = torch.channels_last if channels_last else torch.preserve_format
@@ -300,24 +309,28 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
             m.backbone.compile(dynamic=True)
     adapters, mechs = [], None
     if teachers:  # fresh for this stage
+        first = [im.to(device) for im in next(iter(loader))[0]]
         try:
-            adapters, mechs = make_adapters(model, teachers, [im.to(device) for im in next(iter(loader))[0]],
-                                            mechanism, published)
-        except ValueError as e:  # no common FPN stride
+            if inherit_first and not (resume and state and os.path.isfile(state)):
+                copied, of = inherit(model, teachers[0], first)
+                if is_main():
+                    print(f"{desc}: inherited {copied} of the student's {of} neck/head tensors from the first teacher")
+            adapters, mechs = make_adapters(model, teachers, first, mechanism, published, conv_adapter)
+        except ValueError as e:  # no common FPN stride, nothing to inherit
             fail(f"cannot distil {desc}: {e}")
     step_module = Distilled(model, teachers, adapters, lam, mechs).to(device, memory_format=fmt)
     hook = step_module.hook
     params = [p for p in step_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps))
-    start, tail = 0, []
+    start, tail, ratios = 0, [], []
     if resume and state and os.path.isfile(state):
         ck = read(state)
         step_module.load_state_dict(ck["weights"])  # the student and its adapters
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"][rank()])
-        start, tail = ck["step"], ck["tail"]
+        start, tail, ratios = ck["step"], ck["tail"], ck.get("ratios", [])
         print(f"{desc}: resumed at iteration {start} of {steps} from {state}")
     loader.batch_sampler.start = start  # the batches of iterations start, start + 1, ...
     if distributed():  # gradients of the student and adapters are averaged over ranks
@@ -338,8 +351,15 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
                     fail(f"non-finite loss at iteration {step} of {desc}: {vals}; stopped, the last "
                          f"checkpoint{' ' + state if state else ''} is kept (try a lower --lr)")
                 bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in vals.items()})
+                detect = sum(v for k, v in vals.items() if k != "distill")
+                core = step_module.module if distributed() else step_module
+                levels = {str(s): core.lam * float(v) for s, v in core.levels.items()}
+                if log:  # the detection terms and the distillation term per level (stride)
+                    log({"event": "step", "desc": desc, "step": step, **vals, "distill_levels": levels})
+                if "distill" in vals:
+                    ratios.append((step, vals["distill"] / max(detect, 1e-12)))
                 if step >= 0.8 * steps:
-                    tail.append(sum(v for k, v in vals.items() if k != "distill"))
+                    tail.append(detect)
             if snapshots and step + 1 in snapshots:
                 save(snapshots[step + 1], model.state_dict())
             if state and every and ((step + 1) % every == 0 or step + 1 == steps):
@@ -350,13 +370,17 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
                     dist.all_gather_object(rng, torch.get_rng_state())
                 core = step_module.module if distributed() else step_module
                 save(state, dict(weights=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                 rng=rng or [torch.get_rng_state()], step=step + 1, tail=tail, desc=desc))
+                                 rng=rng or [torch.get_rng_state()], step=step + 1, tail=tail, ratios=ratios,
+                                 desc=desc))
     finally:
         hook.remove()
-    det = sum(tail) / max(len(tail), 1)
+    out = {"train_det_loss": sum(tail) / max(len(tail), 1)}
+    if ratios:
+        end = [r for s, r in ratios if s >= 0.8 * steps] or [ratios[-1][1]]
+        out.update(distill_ratio_start=ratios[0][1], distill_ratio_end=sum(end) / len(end))
     if log:
-        log({"event": "trained", "desc": desc, "steps": steps, "train_det_loss": det})
-    return det
+        log({"event": "trained", "desc": desc, "steps": steps, **out})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

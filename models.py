@@ -203,6 +203,53 @@ def fpn_features(model, images):
     return stride_keyed(x.shape[-2:], model.backbone(x))
 
 
+FPN_BLOCK = re.compile(r"backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(.*)")
+
+
+def _roles(model, strides):
+    """state_dict key -> the role it plays in the neck or head, comparable across detectors:
+    FPN lateral/output blocks by the *stride* of their level (a Mask R-CNN's block 1 is stride 8, a
+    RetinaNet's block 0 is), extra levels (P6/P7) and head tensors by name. The body has no role here."""
+    roles = {}
+    for key in model.state_dict():
+        m = FPN_BLOCK.fullmatch(key)
+        if m:
+            roles[key] = (m[1], strides[int(m[2])], m[3])
+        elif key.startswith(("backbone.fpn.", "head.", "rpn.", "roi_heads.")):
+            roles[key] = (type(model).__name__ if not key.startswith("backbone.") else "fpn", key)
+    return roles
+
+
+@torch.no_grad()
+def inherit(student, teacher, images):
+    """The inheriting strategy of the authors' code (and of FGD's and MGD's): before the first stage, copy
+    the teacher's neck (FPN) and head tensors into the student wherever they play the same role and have
+    the same shape. It starts the student in the teacher's feature basis, which an identity adapter
+    would otherwise have to learn. The body (backbone) keeps the student's own weights.
+
+    images: one batch (list of [3, H, W]) to read each model's FPN strides off. Heads are copied only
+    between detectors of one type (RetinaNet <- RetinaNet). Returns (copied, candidates): how many of the
+    student's neck/head tensors were copied. Raises ValueError when nothing could be.
+    """
+    was = student.training, teacher.training
+    student.eval(), teacher.eval()
+    s_strides, t_strides = (sorted(fpn_features(m, images[:1])) for m in (student, teacher))
+    student.train(was[0]), teacher.train(was[1])
+    s_roles, t_roles = _roles(student, s_strides), _roles(teacher, t_strides)
+    by_role = {role: key for key, role in t_roles.items()}
+    own, theirs = student.state_dict(), teacher.state_dict()
+    copied = 0
+    for key, role in s_roles.items():
+        src = by_role.get(role)
+        if src is not None and theirs[src].shape == own[key].shape:
+            own[key].copy_(theirs[src])  # state_dict tensors share storage with the parameters
+            copied += 1
+    if not copied:
+        raise ValueError(f"nothing to inherit: no neck or head tensor of the {type(teacher).__name__} teacher "
+                         f"has the role and shape of one of the {type(student).__name__} student's")
+    return copied, len(s_roles)
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 

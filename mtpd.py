@@ -65,10 +65,10 @@ class Adapter(nn.Module):
     """phi for one level: an optional 1x1 conv (channels differ), then bilinear resizing to the teacher's
     size when the resolutions differ (e.g. a low-resolution student). x [N, Cs, h, w] -> [N, Ct, H, W]."""
 
-    def __init__(self, student_channels, teacher_channels):
+    def __init__(self, student_channels, teacher_channels, conv=False):
         super().__init__()
         self.proj = (nn.Conv2d(student_channels, teacher_channels, 1)
-                     if student_channels != teacher_channels else nn.Identity())
+                     if conv or student_channels != teacher_channels else nn.Identity())
 
     def forward(self, x, size):
         x = self.proj(x)
@@ -86,43 +86,56 @@ def common_strides(student_feats, teacher_feats):
     return strides
 
 
-def build_adapters(student_feats, teacher_feats):
-    """One fresh Adapter per common stride, from one batch of features. Returns nn.ModuleDict {str(stride)}."""
-    return nn.ModuleDict({str(s): Adapter(student_feats[s].shape[1], teacher_feats[s].shape[1])
+def build_adapters(student_feats, teacher_feats, conv=False):
+    """One fresh Adapter per common stride, from one batch of features. Returns nn.ModuleDict {str(stride)}.
+    conv=True: a learned 1x1 conv even where the channel counts match (the paper's identity otherwise)."""
+    return nn.ModuleDict({str(s): Adapter(student_feats[s].shape[1], teacher_feats[s].shape[1], conv)
                           for s in common_strides(student_feats, teacher_feats)})
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 3. Feature loss (§3.1): L2 between F_T and phi(F_S) over the common strides.
 # ---------------------------------------------------------------------------------------------------------
-def feature_loss(student_feats, teacher_feats, adapters, mechanisms=None, boxes=None, eps=1e-6):
-    """Mean over common levels of ||F_T - phi(F_S)||^2 / (numel * Var(F_T)).
+def feature_loss(student_feats, teacher_feats, adapters, mechanisms=None, boxes=None, levels=None, eps=1e-6):
+    """sum_levels ||F_T - phi(F_S)||^2 / sum_levels (numel * Var(F_T)): the fraction of the teacher's total
+    feature variance (over all common levels) that the student misses. 0 when F_S == F_T.
 
-    Each level's mean squared error is divided by the (constant) variance of the teacher's level, so the
-    loss is the fraction of the teacher's feature variance the student misses: raw FPN MSEs can be hundreds
-    of times the detection loss, and this makes lambda ~ 1 meaningful across detectors. It is still the
-    paper's L2, with one constant weight per level. 0 when F_S == F_T through an identity adapter.
+    Pooling over levels weights each level by its pixels, as the paper's plain L2 (a sum over pixels) and
+    the adaptation cost do: P3 (most pixels) dominates, and a 1-cell P7 counts for 1/341 of a 5-level
+    RetinaNet pyramid, not 1/5. Dividing by the teacher's variance (a constant) only scales the loss, so
+    that lambda ~ 1 means the same across detectors: raw FPN MSEs are often hundreds of times the
+    detection loss.
 
     mechanisms: another loss per level in place of the L2 (§3.4: MTPD wraps CWD, FGD, MGD, PKD), an
     nn.ModuleDict keyed like `adapters` of modules m(phi(F_S), F_T, boxes, stride) -> scalar; their sum
     over levels is returned, as their authors do. boxes: the ground truth in the teacher's input frame
     (list of [n_i, 4] xyxy), for the mechanisms that need it (FGD).
+    levels: a dict that, when given, receives each level's share of the returned loss (detached floats
+    are read by the caller only when it logs), keyed by stride; the shares sum to the loss.
     """
-    losses = []
+    errors, scales = [], []
     for key, adapter in adapters.items():
         s = int(key)
         # float32 even under bf16 autocast: a squared difference divided by a variance needs the mantissa
         ft = teacher_feats[s].detach().float()  # [N, Ct, H, W]
         fs = adapter(student_feats[s], ft.shape[-2:]).float()  # [N, Ct, H, W]
         if mechanisms is not None:
-            losses.append(mechanisms[key](fs, ft, boxes, s))
+            errors.append(mechanisms[key](fs, ft, boxes, s))
+            scales.append(None)
         else:
-            losses.append(F.mse_loss(fs, ft) / (ft.var() + eps))
-    return torch.stack(losses).sum() if mechanisms is not None else torch.stack(losses).mean()
+            errors.append((fs - ft).pow(2).sum())  # this level's squared error, summed over pixels
+            scales.append(ft.numel() * ft.var())  # and the teacher's total variance there
+    if mechanisms is None:
+        total_var = torch.stack(scales).sum() + eps
+        errors = [e / total_var for e in errors]
+    if levels is not None:
+        for key, e in zip(adapters, errors):
+            levels[int(key)] = levels.get(int(key), 0.0) + e.detach()
+    return torch.stack(errors).sum()
 
 
 def distill_losses(student, images, targets, student_feats, teachers, adapters, teacher_features, lam=1.0,
-                   mechanisms=None, teacher_boxes=None):
+                   mechanisms=None, teacher_boxes=None, levels=None):
     """One training forward of §3.1: L = L_detect + lam * sum over teachers of the feature loss.
 
     student: a detector in train mode returning a dict of detection losses, whose backbone is hooked by
@@ -131,6 +144,7 @@ def distill_losses(student, images, targets, student_feats, teachers, adapters, 
     -> {stride: [N, C, H, W]} runs only the teacher's backbone+neck: its heads never run.
     mechanisms: None (the L2), or one ModuleDict per teacher (see feature_loss); teacher_boxes(teacher,
     images, targets) -> the targets' boxes in that teacher's input frame, for mechanisms that use boxes.
+    levels: a dict that receives the feature loss of each stride, summed over teachers (before lam).
     Returns the loss dict: the detection terms plus 'distill' (already multiplied by lam).
     """
     losses = student(images, targets)  # fills student_feats through the hook
@@ -141,7 +155,7 @@ def distill_losses(student, images, targets, student_feats, teachers, adapters, 
                 ft = teacher_features(teacher, images)
                 boxes = teacher_boxes(teacher, images, targets) if teacher_boxes else None
             mech = mechanisms[i] if mechanisms is not None else None
-            total = total + feature_loss(student_feats, ft, adapter, mech, boxes)
+            total = total + feature_loss(student_feats, ft, adapter, mech, boxes, levels)
         losses["distill"] = lam * total
     return losses
 

@@ -130,6 +130,14 @@ def fig_landscape(plt, path, lands):
     return save(plt, fig, path)
 
 
+def ratio_rows(results):
+    """[run, start, end] of distill / detection loss for every distilled run of a reproduce result."""
+    named = [(k, results["runs"][k]) for k in ("direct", "ensemble")] + [
+        (f"mtpd stage {i + 1} ({st['teacher']})", st) for i, st in enumerate(results["stages"])]
+    return [[k, f"{m['distill_ratio_start']:.2f}", f"{m['distill_ratio_end']:.2f}"]
+            for k, m in named if "distill_ratio_start" in m]
+
+
 def save(plt, fig, path):
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -163,6 +171,82 @@ def summary(results):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Several seeds: per-seed rows, mean and spread, and the gaps that Table 3 is about.
+# ---------------------------------------------------------------------------------------------------------
+GAPS = [("direct", "long"), ("mtpd", "direct"), ("mtpd", "long"), ("mtpd", "long_restart"), ("mtpd", "ensemble")]
+
+
+def mean_std(xs):
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def aggregate(preset, per):
+    """{seed: one-seed results} -> the multi-seed results: per-seed orders and rows, the mean and std of
+    every row and column, and of the gaps a - b (AP points x 0.01, like the rows)."""
+    seeds = list(per)
+    rows = list(per[seeds[0]]["runs"])
+    def col(r, c):  # COCOeval's -1 (no object of that size) stays -1: no mean of it
+        xs = [per[s]["runs"][r][c] for s in seeds]
+        return xs if min(xs) >= 0 else None
+
+    stat = {r: {c: mean_std(col(r, c)) if col(r, c) else (-1.0, 0.0) for c in COLS} for r in rows}
+    gaps = {f"{a} - {b}": {c: mean_std([x - y for x, y in zip(col(a, c), col(b, c))]) if col(a, c) and col(b, c)
+                           else (None, None) for c in COLS}
+            for a, b in GAPS if a in stat and b in stat}
+    return {"preset": preset, "seeds": seeds, "per_seed": {str(s): {"order": per[s]["order"], "runs": per[s]["runs"],
+                                                                     "dropped": per[s].get("dropped", {})}
+                                                           for s in seeds},
+            "teachers": per[seeds[0]]["teachers"], "recipe": per[seeds[0]].get("recipe", {}),
+            "budget_steps": {str(s): per[s]["budget_steps"] for s in seeds},
+            "mean": {r: {c: v[0] for c, v in cs.items()} for r, cs in stat.items()},
+            "std": {r: {c: v[1] for c, v in cs.items()} for r, cs in stat.items()},
+            "gaps": {g: {c: {"mean": v[0], "std": v[1]} for c, v in cs.items()} for g, cs in gaps.items()}}
+
+
+def pm(mean, std, sign=""):
+    return "n/a" if mean is None or (mean < 0 and not sign) else f"{100 * mean:{sign}.1f} ± {100 * std:.1f}"
+
+
+def seeds_summary(results):
+    """The console summary of a multi-seed run: mean ± std of every row and of the gaps."""
+    w = 16
+    lines = ["", f"mean ± std over seeds {results['seeds']}:", f"{'run':{w}s}" + "".join(f"{c:>14s}" for c in COLS)]
+    lines += [f"{r:{w}s}" + "".join(f"{pm(results['mean'][r][c], results['std'][r][c]):>14s}" for c in COLS)
+              for r in results["mean"]]
+    lines += ["", "gaps, AP points:"] + [
+        f"{g:{w + 6}s}" + "".join(f"{pm(v[c]['mean'], v[c]['std'], '+'):>14s}" for c in COLS)
+        for g, v in results["gaps"].items()]
+    lines += ["", "orders: " + "; ".join(f"seed {s}: {' -> '.join(r['order'])}" for s, r in results["per_seed"].items())]
+    return "\n".join(lines)
+
+
+def write_seeds_report(out, results):
+    """out/report.md for several seeds: mean ± std, the gaps, per-seed rows; each seed's own report in
+    out/seed<s>/report.md. Returns the report's path."""
+    seeds = results["seeds"]
+    parts = [f"# mtpd report: preset `{results['preset']}`, seeds {', '.join(map(str, seeds))}",
+             f"This invocation took {results.get('wall_minutes', 0):.1f} min. Each seed's own report, with its "
+             "cost matrix, stages and analyses, is in `seed<s>/report.md`. The teacher pool is shared.",
+             "## Mean ± std over seeds",
+             md_table(["run"] + COLS, [[r] + [pm(results["mean"][r][c], results["std"][r][c]) for c in COLS]
+                                       for r in results["mean"]]),
+             "## Gaps (AP points, mean ± std over seeds)",
+             md_table(["gap"] + COLS, [[g] + [pm(v[c]["mean"], v[c]["std"], "+") for c in COLS]
+                                       for g, v in results["gaps"].items()]),
+             "## Per seed (AP)",
+             md_table(["run"] + [f"seed {s}" for s in seeds],
+                      [[r] + [pct(results["per_seed"][str(s)]["runs"][r]["AP"]) for s in seeds] for r in results["mean"]]),
+             "Orders: " + "; ".join(f"seed {s}: {' → '.join(r['order'])}" for s, r in results["per_seed"].items()) + "."]
+    path = os.path.join(out, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n\n".join(parts) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The page.
 # ---------------------------------------------------------------------------------------------------------
 def write_report(out, results, plt="auto"):
@@ -184,7 +268,15 @@ def write_report(out, results, plt="auto"):
               f"BGS order: **{' → '.join(order)}**. d(A → B) is the fraction of B's held-out feature variance "
               "that no linear 1×1 map of A explains.",
               fig_cost(plt, os.path.join(figs, "cost.png"), results["cost"], order, "ots"),
-              "## AP after each stage", fig_stages(plt, os.path.join(figs, "stages.png"), results)]
+              "## AP after each stage", fig_stages(plt, os.path.join(figs, "stages.png"), results),
+              "## Distillation vs detection loss",
+              "The feature loss (after λ) over the detection loss, at each run's first logged iteration and "
+              "over its last 20%: how much of the gradient the teacher steers.",
+              md_table(["run", "start", "end"], ratio_rows(results))]
+    if results.get("dropped"):
+        parts.insert(parts.index("## Adaptation cost and the BGS order (Fig. 3)"),
+                     "Dropped from the pool (not clearly above the longer-trained student): " + ", ".join(
+                         f"{k} AP {pct(v)}" for k, v in results["dropped"].items()) + ".")
     if "generalization" in an:
         parts += ["## Generalization (§3.5, Fig. 5a/b)",
                   "Detection loss on fixed training batches (BatchNorm frozen) and validation AP, for the "
@@ -226,4 +318,5 @@ def write_report(out, results, plt="auto"):
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "results.json")):
         sys.exit("usage: python report.py RUN_DIR   (a folder with the results.json of `train.py reproduce`)")
-    print(write_report(sys.argv[1], json.load(open(os.path.join(sys.argv[1], "results.json")))))
+    res = json.load(open(os.path.join(sys.argv[1], "results.json")))
+    print(write_seeds_report(sys.argv[1], res) if "per_seed" in res else write_report(sys.argv[1], res))

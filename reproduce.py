@@ -2,11 +2,12 @@
 
     1. the off-the-shelf (OTS) student and a teacher pool, trained from scratch       (§4 setting)
     2. the adaptation-cost matrix and Backward Greedy Selection                        (§3.2, Alg. 1)
-    3. MTPD and its baselines at the same budget: longer training, direct, ensemble     (Table 3)
+    3. MTPD and its baselines at the same budget: longer training (one schedule, and    (Table 3, §3.5)
+       restarted at MTPD's stage boundaries), direct, ensemble
     4. optionally, CWD / FGD / MGD / PKD in place of the L2, direct vs MTPD              (§3.4, Fig. 4)
     5. generalization and flatness of the longer-trained and the MTPD student          (§3.5, Fig. 5)
     6. optionally, every order of BGS's teachers                                        (Table 2)
-    7. results.json and report.md
+    7. results.json and report.md; with several seeds, their mean and spread
 
 Configuration (the presets, the flags) lives in train.py and arrives here as arguments.
 """
@@ -22,99 +23,141 @@ import report
 from engine import build, load, make_spec, save, save_ckpt, save_json, teacher_order
 
 
-def reproduce(p, preset, out, root, make_loaders, device, seed, opts, mechanism=("l2",), all_orders=False,
+def reproduce(p, preset, out, root, make_loaders, device, seeds, opts, mechanism=("l2",), all_orders=False,
               published=False):
-    """The embedded reproduction, top to bottom (what `python train.py` runs).
+    """The embedded reproduction for one or several seeds (what `python train.py` runs).
 
     p: a preset of train.PRESETS; out: the run folder; root: the COCO-format data; make_loaders(batch,
-    masks) -> (train, val) loaders; opts: engine.train_loop's fast-path and resume options; mechanism:
-    mechanisms (or 'all') also compared direct vs MTPD; all_orders: also distil every order of BGS's
-    teachers. Every model is cached in out/ckpt, so a second call reuses what is done. Returns results.
+    masks, seed) -> (train, val) loaders; seeds: one run of every row per seed. The teacher pool is trained
+    once, with the first seed, and shared (the paper's teachers are fixed too). One seed writes everything
+    to out/; several write each seed's run to out/seed<s>/ and the mean and spread to out/results.json and
+    out/report.md. Returns the results.
     """
+    if len(seeds) == 1:
+        return one_seed(p, preset, out, out, root, make_loaders, device, seeds[0], seeds[0], opts, mechanism,
+                        all_orders, published)
+    t0 = time.time()
+    per = {s: one_seed(p, preset, os.path.join(out, f"seed{s}"), out, root, make_loaders, device, s, seeds[0],
+                       opts, mechanism, all_orders, published) for s in seeds}
+    results = report.aggregate(preset, per)
+    results["wall_minutes"] = round((time.time() - t0) / 60, 2)
+    save_json(os.path.join(out, "results.json"), results)
+    print(report.seeds_summary(results))
+    if engine.is_main():
+        print(f"report: {report.write_seeds_report(out, results)}")
+    print(f"\nwall time {results['wall_minutes']:.1f} min for {len(seeds)} seeds; everything is in {out}/")
+    return results
+
+
+def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_seed, opts, mechanism=("l2",),
+             all_orders=False, published=False):
+    """The reproduction for one seed, top to bottom. out: this seed's folder; pool_out: the folder whose
+    ckpt/ holds the teacher pool (trained with pool_seed when missing). Every model is cached, so a second
+    call reuses what is done. Returns the results (also out/results.json and out/report.md)."""
     t0 = time.time()
     log = engine.jsonl(os.path.join(out, "log.jsonl"))
-    train_loader, val_loader = make_loaders(p["batch"], False)
+    train_loader, val_loader = make_loaders(p["batch"], False, seed)
     cats = train_loader.dataset.category_ids
+    inherit, conv = p.get("inherit", False), p.get("adapter", "auto") == "conv"
 
-    def ckpt(label):
-        return os.path.join(out, "ckpt", f"{label}.pt")
+    def ckpt(label, folder=out):
+        return os.path.join(folder, "ckpt", f"{label}.pt")
 
-    def mask_loader():  # a two-stage teacher trains on instance masks too
-        return make_loaders(p["batch"], True)[0]
-
-    def ready(label, model_args, steps, init=None, teachers=(), fixed_seed=None, snapshots=None, mechanism="l2"):
-        """Train (or reuse) one model and evaluate it; both are cached in the run folder.
+    def ready(label, model_args, steps, init=None, teachers=(), fixed_seed=None, snapshots=None, mechanism="l2",
+              folder=out, base_seed=seed, inherit_first=False):
+        """Train (or reuse) one model and evaluate it; both are cached in folder/ckpt.
         model_args = (label, name, scale, build kwargs); init: start from that checkpoint's weights;
-        snapshots: {iteration: file} of intermediate weights to keep."""
-        if os.path.isfile(ckpt(label)):  # reuse: only its metrics are needed here
-            return engine.read(ckpt(label))["metrics"]
+        snapshots: {iteration: file} of intermediate weights to keep; inherit_first: copy the first
+        teacher's neck and head into the student before training (models.inherit)."""
+        if os.path.isfile(ckpt(label, folder)):  # reuse: only its metrics are needed here
+            return engine.read(ckpt(label, folder))["metrics"]
         _, name, scale, kw = model_args
         spec = make_spec(label, name, scale, p["size"], cats, **kw)
-        run_seed = seed + sum(map(ord, label)) if fixed_seed is None else fixed_seed  # one per model
+        run_seed = base_seed + sum(map(ord, label)) if fixed_seed is None else fixed_seed  # one per model
         model = build(spec, run_seed) if init is None else load(init, device)[0]
-        state = os.path.join(out, "ckpt", f"{label}.state.pt")  # resume point, until the stage is done
-        loader = mask_loader() if name.startswith("maskrcnn") else train_loader
-        det = engine.train_loop(model, loader, steps, p["lr"], device, run_seed,
+        state = os.path.join(folder, "ckpt", f"{label}.state.pt")  # resume point, until the stage is done
+        loader = make_loaders(p["batch"], True, seed)[0] if name.startswith("maskrcnn") else train_loader
+        fit = engine.train_loop(model, loader, steps, p["lr"], device, run_seed,
                                 [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log,
-                                state=state, snapshots=snapshots, mechanism=mechanism,
-                                published=published, **opts)
-        metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
-        save_ckpt(ckpt(label), model, spec, metrics)
+                                state=state, snapshots=snapshots, mechanism=mechanism, published=published,
+                                inherit_first=inherit_first and bool(teachers), conv_adapter=conv, **opts)
+        metrics = {**engine.evaluate(model, val_loader, device), **fit}
+        save_ckpt(ckpt(label, folder), model, spec, metrics)
         engine.discard(state)
         log({"event": "eval", "model": label, **metrics})
         print(f"{label:16s} AP {100 * metrics['AP']:5.1f}   ({(time.time() - t0) / 60:.1f} min)")
         return metrics
 
-    # 1. the pool and the off-the-shelf student, trained from scratch
-    s = p["student"]
+    # 1. the off-the-shelf student and the teacher pool, trained from scratch (the pool once for all seeds)
+    s, S, k = p["student"], p["stage_steps"], p["k"]
     ots = ready("ots", s, p["student_steps"])
-    pool = {lab: ready(lab, (lab, name, sc, kw), steps) for lab, name, sc, kw, steps in p["pool"]}
-    weak = [lab for lab, m in pool.items() if m["AP"] <= ots["AP"]]
-    if weak:
-        print(f"note: teachers {weak} do not beat the student's AP {ots['AP']:.3f}; kept as candidates")
+    pool = {lab: ready(lab, (lab, name, sc, kw), steps, folder=pool_out, base_seed=pool_seed)
+            for lab, name, sc, kw, steps in p["pool"]}
+    # the student trained longer without a teacher (the paper's 3x: one schedule of k more stages); it keeps
+    # its weights at each stage boundary for §3.5. Every baseline sees the same batches (one data seed).
+    same = seed + sum(map(ord, "direct"))
+    snaps = {i * S: os.path.join(out, "ckpt", f"long@{i * S}.pt") for i in range(1, k)}
+    long_k = ready("long", s, k * S, init=ckpt("ots"), snapshots=snaps, fixed_seed=same)
+    # a teacher must clearly beat the longer-trained student, or it has nothing to teach (Table 3's teachers
+    # are 3-7 AP above their students)
+    dropped = {lab: m["AP"] for lab, m in pool.items() if m["AP"] < long_k["AP"] + p.get("margin", 0.0)}
+    if dropped:
+        print(f"dropped from the pool: {', '.join(dropped)} (AP not {100 * p.get('margin', 0.0):.0f} points above "
+              f"the longer-trained student's {100 * long_k['AP']:.1f})")
+    kept = {lab: m for lab, m in pool.items() if lab not in dropped}
+    if not kept:
+        engine.fail(f"no teacher of the pool beats the longer-trained student ({100 * long_k['AP']:.1f} AP) by "
+                    f"{100 * p.get('margin', 0.0):.0f} points: train the teachers longer or use a lower margin")
     # 2. adaptation costs and BGS
     cost_path = os.path.join(out, "cost.json")
-    if os.path.isfile(cost_path):
-        cost = json.load(open(cost_path))["cost"]
-    else:
-        models = {"ots": load(ckpt("ots"))[0], **{lab: load(ckpt(lab))[0] for lab in pool}}
+    cost = json.load(open(cost_path))["cost"] if os.path.isfile(cost_path) else None
+    if cost is None or set(cost) != {"ots", *kept}:
+        models = {"ots": load(ckpt("ots"))[0], **{lab: load(ckpt(lab, pool_out))[0] for lab in kept}}
         cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), p["cost_images"], device)
-        save_json(cost_path, {"cost": cost, "ap": {"ots": ots["AP"], **{k: v["AP"] for k, v in pool.items()}}})
-    order = teacher_order(cost, "ots", {k: v["AP"] for k, v in pool.items()}, p["k"])
+        save_json(cost_path, {"cost": cost, "ap": {"ots": ots["AP"], **{k: v["AP"] for k, v in kept.items()}}})
+    order = teacher_order(cost, "ots", {k: v["AP"] for k, v in kept.items()}, k)
     save_json(os.path.join(out, "order.json"), {"student": "ots", "order": order})
     print(f"BGS order: {' -> '.join(order)}")
     # 3. MTPD and the baselines, all at a budget of len(order) stages
-    budget = p["stage_steps"] * len(order)
-    runs = {"ots": ots}
-    S = p["stage_steps"]  # the long run keeps its weights at each MTPD stage boundary, for §3.5
-    snaps = {k * S: os.path.join(out, "ckpt", f"long@{k * S}.pt") for k in range(1, len(order))}
-    if os.path.isfile(ckpt("long")) and not all(map(os.path.isfile, snaps.values())):
-        print(f"note: {ckpt('long')} predates its stage-boundary snapshots; delete it to retrain it with them "
-              "(§3.5's long curve has only its end points until then)")
-    runs["long"] = ready("long", s, budget, init=ckpt("ots"), snapshots=snaps)
-    runs["direct"] = ready("direct", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])])
-    runs["ensemble"] = ready("ensemble", s, budget, init=ckpt("ots"), teachers=[ckpt(t) for t in order])
+    budget = S * len(order)
+    teacher = {lab: ckpt(lab, pool_out) for lab in kept}
+    runs = {"ots": ots, "long": long_k if len(order) == k else
+            ready(f"long_{len(order)}x", s, budget, init=ckpt("ots"), fixed_seed=same)}
+    restart, at = [], ckpt("ots")  # §3.5's control: MTPD's schedule (fresh AdamW and LR per stage), no teacher
+    for i in range(len(order)):
+        restart.append(ready(f"long_restart_stage{i + 1}", s, S, init=at,
+                             fixed_seed=seed + sum(map(ord, f"mtpd_stage{i + 1}"))))
+        at = ckpt(f"long_restart_stage{i + 1}")
+    runs["long_restart"] = restart[-1]
+    runs["direct"] = ready("direct", s, budget, init=ckpt("ots"), teachers=[teacher[order[-1]]], fixed_seed=same,
+                           inherit_first=inherit)
+    runs["ensemble"] = ready("ensemble", s, budget, init=ckpt("ots"), teachers=[teacher[t] for t in order],
+                             fixed_seed=same, inherit_first=inherit)
     prev, stages = ckpt("ots"), []
     for i, t in enumerate(order):  # the progressive schedule (§3.2), each stage from the last one's weights
         label = f"mtpd_stage{i + 1}"
-        stages.append({"teacher": t, **ready(label, s, p["stage_steps"], init=prev, teachers=[ckpt(t)])})
+        stages.append({"teacher": t, **ready(label, s, S, init=prev, teachers=[teacher[t]],
+                                             inherit_first=inherit and i == 0)})
         prev = ckpt(label)
     runs["mtpd"] = {k: v for k, v in stages[-1].items() if k != "teacher"}
     model, spec, _ = load(prev)
     save(os.path.join(out, "student.pt"), model.state_dict())  # plain state_dict, no adapters
     save_json(os.path.join(out, "student_spec.json"), spec)
-    results = {"preset": preset, "seed": seed, "cost": cost, "order": order,
-               "teachers": pool, "stages": stages, "runs": runs, "budget_steps": budget}
+    results = {"preset": preset, "seed": seed, "cost": cost, "order": order, "teachers": pool,
+               "dropped": dropped, "stages": stages, "runs": runs, "budget_steps": budget,
+               "recipe": {"lam": p["lam"], "inherit": inherit, "adapter": p.get("adapter", "auto"), "k": k,
+                          "stage_steps": S, "student_steps": p["student_steps"]}}
     # 4. Fig. 4 (opt-in): another mechanism in place of the L2, direct vs MTPD, with the L2 rows' seeds
     mechs = {"l2": {"direct": runs["direct"], "mtpd": runs["mtpd"]}}
     pub = "_published" if published else ""  # the two weightings are cached under different labels
     for m in [m for m in mechanisms.NAMES if m != "l2" and (m in mechanism or "all" in mechanism)]:
-        direct = ready(f"direct_{m}{pub}", s, budget, init=ckpt("ots"), teachers=[ckpt(order[-1])],
-                       fixed_seed=seed + sum(map(ord, "direct")), mechanism=m)
+        direct = ready(f"direct_{m}{pub}", s, budget, init=ckpt("ots"), teachers=[teacher[order[-1]]],
+                       fixed_seed=same, mechanism=m, inherit_first=inherit)
         at = ckpt("ots")
         for i, t in enumerate(order):
-            last = ready(f"mtpd_{m}{pub}_stage{i + 1}", s, S, init=at, teachers=[ckpt(t)],
-                         fixed_seed=seed + sum(map(ord, f"mtpd_stage{i + 1}")), mechanism=m)
+            last = ready(f"mtpd_{m}{pub}_stage{i + 1}", s, S, init=at, teachers=[teacher[t]],
+                         fixed_seed=seed + sum(map(ord, f"mtpd_stage{i + 1}")), mechanism=m,
+                         inherit_first=inherit and i == 0)
             at = ckpt(f"mtpd_{m}{pub}_stage{i + 1}")
         mechs[m] = {"direct": direct, "mtpd": last}
     if len(mechs) > 1:
@@ -126,17 +169,18 @@ def reproduce(p, preset, out, root, make_loaders, device, seed, opts, mechanism=
         model.load_state_dict(ck.get("model", ck))  # read once: a checkpoint holds its weights under "model"
         return model
 
+    long_path = ckpt("long") if len(order) == k else ckpt(f"long_{len(order)}x")
     start = [(0, ckpt("ots"), ots)]
-    paths = {"long": start + [(k, f, None) for k, f in snaps.items() if os.path.isfile(f)]
-             + [(budget, ckpt("long"), runs["long"])],
+    paths = {"long": start + [(i, f, None) for i, f in snaps.items() if i < budget and os.path.isfile(f)]
+             + [(budget, long_path, runs["long"])],
              "mtpd": start + [((i + 1) * S, ckpt(f"mtpd_stage{i + 1}"), st) for i, st in enumerate(stages)]}
     batches = analysis.fixed_batches(data.CocoDetection(root, "train", masks=False), *p["probe"])
     results["analysis"] = analysis.generalization_and_flatness(
-        paths, {"long": ckpt("long"), "mtpd": prev}, student_at,
+        paths, {"long": long_path, "mtpd": prev}, student_at,
         lambda m: engine.evaluate(m, val_loader, device), batches, device=device, **p["landscape"])
     # 6. Table 2 (opt-in: n! orders)
     if all_orders:
-        results["all_orders"] = every_order(ckpt("ots"), {t: ckpt(t) for t in order}, order, S, p["lr"],
+        results["all_orders"] = every_order(ckpt("ots"), {t: teacher[t] for t in order}, order, S, p["lr"],
                                             p["lam"], os.path.join(out, "orders"), train_loader, val_loader, log,
                                             device, seed, opts)
     results["wall_minutes"] = round((time.time() - t0) / 60, 2)
@@ -162,10 +206,10 @@ def every_order(student, teachers, bgs, steps, lr, lam, out, train_loader, val_l
             return engine.read(path)["metrics"]
         model, spec, _ = load(os.path.join(out, "+".join(prefix[:-1]) + ".pt") if len(prefix) > 1 else student)
         desc = " -> ".join(prefix)
-        det = engine.train_loop(model, train_loader, steps, lr, device, seed + len(prefix),
+        fit = engine.train_loop(model, train_loader, steps, lr, device, seed + len(prefix),
                                 [load(teachers[prefix[-1]], device)[0]], lam, desc=desc, log=log,
                                 state=path[:-3] + ".state.pt", **opts)
-        metrics = {**engine.evaluate(model, val_loader, device), "train_det_loss": det}
+        metrics = {**engine.evaluate(model, val_loader, device), **fit}
         save_ckpt(path, model, spec, metrics)
         engine.discard(path[:-3] + ".state.pt")
         print(f"{desc:40s} AP {100 * metrics['AP']:5.1f}")

@@ -57,6 +57,54 @@ def test_feature_loss_values():
     expected = (1 + 1 + 9 + 9) / 4 / torch.tensor([1.0, -1.0, 3.0, -3.0]).var()
     assert torch.isclose(mtpd.feature_loss(z, t, mtpd.build_adapters(z, t)), expected, atol=1e-5)
 
+def test_feature_loss_pools_levels_by_pixels():
+    # Two levels of different sizes; student zeros. Level 8: t = [1, 2, 3, 4] (SSE 30, 4 * var 4 * 5/3);
+    # level 16: t = [0, 2] (SSE 4, 2 * var 2 * 2). Pooled: (30 + 4) / (20/3 + 4) = 3.1875 (a mean of the
+    # per-level ratios would be (4.5 + 1) / 2 = 2.75).
+    t = {8: torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 2, 2), 16: torch.tensor([0.0, 2.0]).reshape(1, 1, 1, 2)}
+    z = {s: torch.zeros_like(v) for s, v in t.items()}
+    levels = {}
+    loss = mtpd.feature_loss(z, t, mtpd.build_adapters(z, t), levels=levels)
+    assert abs(loss.item() - 34 / (20 / 3 + 4)) < 1e-5
+    assert abs(levels[8].item() - 30 / (20 / 3 + 4)) < 1e-5 and abs(levels[16].item() - 4 / (20 / 3 + 4)) < 1e-5
+    # the same error per pixel on a 4x4 and a 2x2 level: shares in proportion to the pixels (16 : 4)
+    t = {8: torch.tensor([1.0, -1.0]).repeat(8).reshape(1, 1, 4, 4), 16: torch.tensor([1.0, -1.0]).repeat(2).reshape(1, 1, 2, 2)}
+    z, levels = {s: torch.zeros_like(v) for s, v in t.items()}, {}
+    loss = mtpd.feature_loss(z, t, mtpd.build_adapters(z, t), levels=levels)
+    assert abs(levels[8].item() / levels[16].item() - 4.0) < 1e-5
+    assert abs(sum(v.item() for v in levels.values()) - loss.item()) < 1e-6
+
+
+def test_conv_adapter_even_when_widths_match():
+    f = {8: torch.randn(1, 4, 2, 2)}
+    assert isinstance(mtpd.build_adapters(f, f)["8"].proj, torch.nn.Identity)
+    conv = mtpd.build_adapters(f, f, conv=True)["8"].proj
+    assert isinstance(conv, torch.nn.Conv2d) and conv.weight.shape == (4, 4, 1, 1)
+
+
+def test_inherit_copies_neck_by_stride_and_head_by_type():
+    from models import inherit
+    images, _ = tiny_batch(1, 64)
+    torch.manual_seed(0)
+    student, retina, mask = tiny_detector(scale=0.5), tiny_detector(), tiny_detector("maskrcnn_r18")
+    body = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("backbone.body.")}
+    copied, of = inherit(student, retina, images)  # the same RetinaNet at another scale: neck and head
+    own, theirs = student.state_dict(), retina.state_dict()
+    assert copied == of and all(torch.equal(own[k], theirs[k]) for k in own if k.startswith(("backbone.fpn.", "head.")))
+    assert all(torch.equal(own[k], v) for k, v in body.items())  # the body keeps the student's weights
+    student = tiny_detector(scale=0.5)
+    head = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("head.")}
+    copied, of = inherit(student, mask, images)
+    own, theirs = student.state_dict(), mask.state_dict()
+    # Mask R-CNN's FPN block 1 is stride 8, RetinaNet's block 0: paired by stride, not by index
+    for block in ("inner_blocks", "layer_blocks"):
+        for i in range(3):
+            assert torch.equal(own[f"backbone.fpn.{block}.{i}.0.weight"], theirs[f"backbone.fpn.{block}.{i + 1}.0.weight"])
+    assert 0 < copied < of and all(torch.equal(student.state_dict()[k], v) for k, v in head.items())
+    with pytest.raises(ValueError, match="nothing to inherit"):  # other widths, another detector type
+        inherit(tiny_detector(scale=0.5), tiny_detector("maskrcnn_r18", fpn_channels=32), images)
+
+
 def test_gradients_reach_student_and_adapter_never_teacher():
     torch.manual_seed(0)
     student, teacher = tiny_detector(scale=0.5), mtpd.freeze(tiny_detector("retinanet_r34"))
