@@ -249,12 +249,11 @@ PUBLISHED = {
 # BENCHMARK: the published settings with `weight` retuned for this repository's benchmark (128-channel
 # FPNs, 64-128 px images, from scratch), where the published weights were tuned for mmdet (256 channels,
 # 800 px COCO images, sum reductions). Goal: at the start of a stage each mechanism, summed over the common
-# levels, is ~1: the order of the detection loss (0.3-1) and of mtpd.feature_loss once its coarse levels
-# have settled (see below: at the very start it is larger).
+# levels, is ~1: the order of the detection loss (0.3-1) and of mtpd.feature_loss (see the end).
 # Measured (OTS retinanet_r18 at 0.5x = 64 px vs the trained r18@1x teacher at 128 px, runs/default/ckpt,
 # 3 training batches of 8, fresh adapters from mtpd.build_adapters, PUBLISHED settings, summed over the 5
 # common strides 8..128; per-level values P3..P7 of batch 1 in brackets):
-#   mtpd.feature_loss (mean over levels)   6.55   (the fine levels ~1.5 each; the 1-2 cell levels P6, P7
+#   the L2 as a mean over levels          6.55   (the fine levels ~1.5 each; the 1-2 cell levels P6, P7
 #                                                  17-22 and 8-11: their teacher variance is tiny)
 #   l2    weight 1                        32.8   [1.6 1.4 1.6 22.3 10.9]
 #   cwd   weight 5                        45.0   [18.4 12.5 9.0 4.3 0.0]   (P7 is 1x1: softmax of 1 cell)
@@ -266,7 +265,7 @@ PUBLISHED = {
 # 8.8, 36 / 87 / 7.7 / 40; OTS -> r18@0.75x 16.0, 40 / 751 / 3.4 / 49; mtpd_stage2 -> r18@1x 1.29,
 # 39 / 151 / 7.5 / 50. So L2 is ~1-1.5 once the coarse levels' scale is matched (stage 3 starts at 1.29),
 # of the order of the detection loss (0.3-1): the weights below bring every summed loss to ~1 on the
-# first pair, and l2's 1/5 makes its sum over RetinaNet's 5 levels equal mtpd.feature_loss (a mean).
+# first pair, and l2's 1/5 makes its sum over RetinaNet's 5 levels the per-level mean.
 #   l2 1 -> 0.2 (x 1/5)   cwd 5 -> 0.1 (x 1/50)   fgd 1 -> 0.005 (x 1/200, all four terms alike)
 #   mgd 1 -> 0.1 (x 1/10) pkd 10 -> 0.2 (x 1/50)
 # which give, on the first pair: l2 6.55 (the old per-level mean), cwd 0.90, fgd 0.84, mgd 0.75, pkd 1.01.

@@ -62,8 +62,9 @@ def adapter_kind(student_shape, teacher_shape):
 
 
 class Adapter(nn.Module):
-    """phi for one level: an optional 1x1 conv (channels differ), then bilinear resizing to the teacher's
-    size when the resolutions differ (e.g. a low-resolution student). x [N, Cs, h, w] -> [N, Ct, H, W]."""
+    """phi for one level: a 1x1 conv when the channels differ (or with conv=True), then bilinear resizing to
+    the teacher's size when the resolutions differ (e.g. a low-resolution student). x [N, Cs, h, w] ->
+    [N, Ct, H, W]."""
 
     def __init__(self, student_channels, teacher_channels, conv=False):
         super().__init__()

@@ -195,11 +195,14 @@ def aggregate(preset, per):
     gaps = {f"{a} - {b}": {c: mean_std([x - y for x, y in zip(col(a, c), col(b, c))]) if col(a, c) and col(b, c)
                            else (None, None) for c in COLS}
             for a, b in GAPS if a in stat and b in stat}
-    return {"preset": preset, "seeds": seeds, "per_seed": {str(s): {"order": per[s]["order"], "runs": per[s]["runs"],
+    budgets = {str(s): per[s]["budget_steps"] for s in seeds}
+    note = ("" if len(set(budgets.values())) == 1 else "BGS chose orders of different lengths, so the seeds' "
+            f"rows trained for different budgets ({budgets}): their mean mixes budgets")
+    return {"preset": preset, "seeds": seeds, "note": note, "per_seed": {str(s): {"order": per[s]["order"], "runs": per[s]["runs"],
                                                                      "dropped": per[s].get("dropped", {})}
                                                            for s in seeds},
             "teachers": per[seeds[0]]["teachers"], "recipe": per[seeds[0]].get("recipe", {}),
-            "budget_steps": {str(s): per[s]["budget_steps"] for s in seeds},
+            "budget_steps": budgets,
             "mean": {r: {c: v[0] for c, v in cs.items()} for r, cs in stat.items()},
             "std": {r: {c: v[1] for c, v in cs.items()} for r, cs in stat.items()},
             "gaps": {g: {c: {"mean": v[0], "std": v[1]} for c, v in cs.items()} for g, cs in gaps.items()}}
@@ -219,6 +222,7 @@ def seeds_summary(results):
         f"{g:{w + 6}s}" + "".join(f"{pm(v[c]['mean'], v[c]['std'], '+'):>14s}" for c in COLS)
         for g, v in results["gaps"].items()]
     lines += ["", "orders: " + "; ".join(f"seed {s}: {' -> '.join(r['order'])}" for s, r in results["per_seed"].items())]
+    lines += [f"note: {results['note']}"] if results.get("note") else []
     return "\n".join(lines)
 
 
@@ -239,6 +243,7 @@ def write_seeds_report(out, results):
              md_table(["run"] + [f"seed {s}" for s in seeds],
                       [[r] + [pct(results["per_seed"][str(s)]["runs"][r]["AP"]) for s in seeds] for r in results["mean"]]),
              "Orders: " + "; ".join(f"seed {s}: {' → '.join(r['order'])}" for s, r in results["per_seed"].items()) + "."]
+    parts += [f"**Note:** {results['note']}."] if results.get("note") else []
     path = os.path.join(out, "report.md")
     with open(path + ".tmp", "w") as f:
         f.write("\n\n".join(parts) + "\n")

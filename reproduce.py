@@ -69,11 +69,19 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
         model_args = (label, name, scale, build kwargs); init: start from that checkpoint's weights;
         snapshots: {iteration: file} of intermediate weights to keep; inherit_first: copy the first
         teacher's neck and head into the student before training (models.inherit)."""
-        if os.path.isfile(ckpt(label, folder)):  # reuse: only its metrics are needed here
-            return engine.read(ckpt(label, folder))["metrics"]
         _, name, scale, kw = model_args
-        spec = make_spec(label, name, scale, p["size"], cats, **kw)
         run_seed = base_seed + sum(map(ord, label)) if fixed_seed is None else fixed_seed  # one per model
+        recipe = {"steps": steps, "seed": run_seed, "init": init and os.path.basename(init), "lr": p["lr"],
+                  "teachers": [os.path.basename(t) for t in teachers], "mechanism": mechanism}
+        if teachers:
+            recipe.update(lam=p["lam"], inherit=inherit_first, adapter="conv" if conv else "auto")
+        if os.path.isfile(ckpt(label, folder)):  # reuse: only its metrics are needed here
+            metrics = engine.read(ckpt(label, folder))["metrics"]
+            if metrics.get("recipe", recipe) != recipe:
+                engine.fail(f"{ckpt(label, folder)} was trained with another recipe ({metrics['recipe']}, now "
+                            f"{recipe}): choose another --out, or delete it to retrain it")
+            return metrics
+        spec = make_spec(label, name, scale, p["size"], cats, **kw)
         model = build(spec, run_seed) if init is None else load(init, device)[0]
         state = os.path.join(folder, "ckpt", f"{label}.state.pt")  # resume point, until the stage is done
         loader = make_loaders(p["batch"], True, seed)[0] if name.startswith("maskrcnn") else train_loader
@@ -81,7 +89,7 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
                                 [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log,
                                 state=state, snapshots=snapshots, mechanism=mechanism, published=published,
                                 inherit_first=inherit_first and bool(teachers), conv_adapter=conv, **opts)
-        metrics = {**engine.evaluate(model, val_loader, device), **fit}
+        metrics = {**engine.evaluate(model, val_loader, device), **fit, "recipe": recipe}
         save_ckpt(ckpt(label, folder), model, spec, metrics)
         engine.discard(state)
         log({"event": "eval", "model": label, **metrics})
@@ -93,21 +101,23 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     ots = ready("ots", s, p["student_steps"])
     pool = {lab: ready(lab, (lab, name, sc, kw), steps, folder=pool_out, base_seed=pool_seed)
             for lab, name, sc, kw, steps in p["pool"]}
-    # the student trained longer without a teacher (the paper's 3x: one schedule of k more stages); it keeps
-    # its weights at each stage boundary for §3.5. Every baseline sees the same batches (one data seed).
+    # the student trained longer without a teacher (one schedule as long as k stages: the paper's 3x when a
+    # stage is as long as the OTS schedule); it keeps its weights at each stage boundary for §3.5. Every
+    # baseline sees the same batch order (one data seed).
     same = seed + sum(map(ord, "direct"))
     snaps = {i * S: os.path.join(out, "ckpt", f"long@{i * S}.pt") for i in range(1, k)}
     long_k = ready("long", s, k * S, init=ckpt("ots"), snapshots=snaps, fixed_seed=same)
     # a teacher must clearly beat the longer-trained student, or it has nothing to teach (Table 3's teachers
     # are 3-7 AP above their students)
-    dropped = {lab: m["AP"] for lab, m in pool.items() if m["AP"] < long_k["AP"] + p.get("margin", 0.0)}
+    margin = p.get("margin")  # None: keep every teacher
+    dropped = {lab: m["AP"] for lab, m in pool.items() if margin is not None and m["AP"] < long_k["AP"] + margin}
     if dropped:
-        print(f"dropped from the pool: {', '.join(dropped)} (AP not {100 * p.get('margin', 0.0):.0f} points above "
+        print(f"dropped from the pool: {', '.join(dropped)} (AP not {100 * margin:.0f} points above "
               f"the longer-trained student's {100 * long_k['AP']:.1f})")
     kept = {lab: m for lab, m in pool.items() if lab not in dropped}
     if not kept:
         engine.fail(f"no teacher of the pool beats the longer-trained student ({100 * long_k['AP']:.1f} AP) by "
-                    f"{100 * p.get('margin', 0.0):.0f} points: train the teachers longer or use a lower margin")
+                    f"{100 * margin:.0f} points: train the teachers longer or use a lower margin")
     # 2. adaptation costs and BGS
     cost_path = os.path.join(out, "cost.json")
     cost = json.load(open(cost_path))["cost"] if os.path.isfile(cost_path) else None
@@ -182,7 +192,7 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     if all_orders:
         results["all_orders"] = every_order(ckpt("ots"), {t: teacher[t] for t in order}, order, S, p["lr"],
                                             p["lam"], os.path.join(out, "orders"), train_loader, val_loader, log,
-                                            device, seed, opts)
+                                            device, seed, dict(opts, inherit_first=inherit, conv_adapter=conv))
     results["wall_minutes"] = round((time.time() - t0) / 60, 2)
     save_json(os.path.join(out, "results.json"), results)
     log({"event": "done", "wall_minutes": results["wall_minutes"]})
@@ -198,7 +208,8 @@ def every_order(student, teachers, bgs, steps, lr, lam, out, train_loader, val_l
     `steps` iterations per stage. A prefix's student is cached in out/<t1+t2...>.pt, so orders sharing a
     prefix share its stages and an interrupted run continues. Every order uses the same seed per stage
     index, so orders differ only by their teachers. Returns {teachers, stage_steps, rows, bgs, bgs_rank}."""
-    check_setup(out, student, teachers, steps, lr, lam, seed)
+    check_setup(out, student, teachers, steps, lr, lam, seed, opts.get("inherit_first", False),
+                opts.get("conv_adapter", False))
 
     def run_prefix(prefix):
         path = os.path.join(out, "+".join(prefix) + ".pt")
@@ -206,9 +217,10 @@ def every_order(student, teachers, bgs, steps, lr, lam, out, train_loader, val_l
             return engine.read(path)["metrics"]
         model, spec, _ = load(os.path.join(out, "+".join(prefix[:-1]) + ".pt") if len(prefix) > 1 else student)
         desc = " -> ".join(prefix)
+        first = dict(opts, inherit_first=opts.get("inherit_first", False) and len(prefix) == 1)
         fit = engine.train_loop(model, train_loader, steps, lr, device, seed + len(prefix),
                                 [load(teachers[prefix[-1]], device)[0]], lam, desc=desc, log=log,
-                                state=path[:-3] + ".state.pt", **opts)
+                                state=path[:-3] + ".state.pt", **first)
         metrics = {**engine.evaluate(model, val_loader, device), **fit}
         save_ckpt(path, model, spec, metrics)
         engine.discard(path[:-3] + ".state.pt")
@@ -220,11 +232,11 @@ def every_order(student, teachers, bgs, steps, lr, lam, out, train_loader, val_l
             "bgs_rank": analysis.rank_of(rows, bgs)}
 
 
-def check_setup(out, student, teachers, steps, lr, lam, seed):
+def check_setup(out, student, teachers, steps, lr, lam, seed, inherit=False, conv=False):
     """every_order's cache is keyed by teachers only: out/setup.json records the rest, and a folder that
     holds the orders of another setup is refused rather than silently reused."""
     setup = {"student": os.path.abspath(student), "steps": steps, "lr": lr, "lam": lam, "seed": seed,
-             "teachers": {k: os.path.abspath(v) for k, v in teachers.items()}}
+             "teachers": {k: os.path.abspath(v) for k, v in teachers.items()}, "inherit": inherit, "conv": conv}
     path = os.path.join(out, "setup.json")
     if os.path.isfile(path) and json.load(open(path)) != setup:
         engine.fail(f"{out} holds the orders of another setup (student, teachers, steps, lr, lam or seed differ); "

@@ -13,6 +13,7 @@ import torch
 
 import data
 import engine
+import train
 from conftest import HERE, cli, tiny_batch, tiny_detector
 from models import fpn_features
 
@@ -243,3 +244,28 @@ def test_cpu_training_is_deterministic_across_processes(zoo, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(torch.load(out / "model.pt", weights_only=True)["model"])
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_distill_inherit_copies_the_first_teachers_neck_and_head_once(zoo, tmp_path, capsys):
+    base, root = zoo
+    args = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt", "--keep-order",
+            "--steps", "1", "--batch", "2", "--data", root, "--inherit", "--lam", "0", "--out", tmp_path / "d"]
+    train.main([str(a) for a in args])
+    out = capsys.readouterr().out
+    assert out.count("inherited") == 1 and "stage 1: inherited 24 of the student's 24 neck/head tensors" in out
+    s, t1 = engine.read(str(base / "s.pt"))["model"], engine.read(str(base / "t1.pt"))["model"]
+    after = engine.read(str(tmp_path / "d" / "stage1.pt"))["model"]  # one step at lr 3e-4 / 50 later
+    neck = [k for k in s if k.startswith(("backbone.fpn.", "head.")) and s[k].is_floating_point()]
+    assert all(torch.allclose(after[k], t1[k], atol=1e-4) for k in neck)
+    assert any(not torch.allclose(after[k], s[k], atol=1e-2) for k in neck)
+    body = [k for k in s if k.startswith("backbone.body.") and k.endswith("conv1.weight")]
+    assert all(torch.allclose(after[k], s[k], atol=1e-4) for k in body)  # the body stays the student's
+
+
+def test_inherit_with_nothing_in_common_is_a_clear_error(zoo):
+    base, root = zoo
+    loader, _ = engine.loaders(root, 2, 0, masks=False)
+    student, spec, _ = engine.load(str(base / "s.pt"))
+    teacher = engine.build(dict(spec, name="maskrcnn_r18", fpn_channels=32))
+    with pytest.raises(engine.InputError, match="nothing to inherit"):
+        engine.train_loop(student, loader, 1, 1e-3, torch.device("cpu"), 0, [teacher], inherit_first=True)

@@ -356,14 +356,15 @@ def test_train_loop_changes_weights_and_is_deterministic(shapes):
 
 def test_reproduce_tiny_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("reproduce", "--preset", "tiny", "--out", str(out), cwd=str(tmp_path))
+    r = run_cli("--preset", "tiny", "--out", str(out), cwd=str(tmp_path))  # bare flags are reproduce's
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(out / "results.json"))
     names = ["ots"] + [lab for lab, *_ in train.PRESETS["tiny"]["pool"]]
     assert sorted(res["cost"]) == sorted(names)
     assert all(res["cost"][a][b] >= 0 for a in names for b in names if a != b)
     assert res["order"] and set(res["order"]) <= set(names[1:])
-    for run in ("ots", "long", "direct", "ensemble", "mtpd"):
+    assert list(res["runs"]) == ["ots", "long", "long_restart", "direct", "ensemble", "mtpd"]
+    for run in res["runs"]:
         m = res["runs"][run]
         assert set(m) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"} and 0 <= m["AP"] <= 1
     assert res["runs"]["long"] != res["runs"]["ots"]  # it trained further
@@ -386,9 +387,29 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     assert not any("adapter" in k for k in sd)
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert any(rec["event"] == "done" for rec in log)
+    # every 10 iterations: the detection terms and, for distilled runs, the feature loss of every level
+    steps = [rec for rec in log if rec["event"] == "step" and rec["desc"] == "direct"]
+    b = res["budget_steps"]
+    assert [rec["step"] for rec in steps] == sorted(set(range(0, b, 10)) | {b - 1})
+    assert all({"classification", "bbox_regression", "distill"} <= set(rec) for rec in steps)
+    assert sorted(steps[0]["distill_levels"], key=int) == ["8", "16", "32", "64", "128"]
+    assert all(abs(sum(rec["distill_levels"].values()) - rec["distill"]) < 1e-4 * rec["distill"] for rec in steps)
+    assert all(not rec["distill_levels"] for rec in log if rec["event"] == "step" and rec["desc"] == "long")
+    ratio = res["runs"]["direct"]["distill_ratio_start"]
+    assert abs(ratio - steps[0]["distill"] / (steps[0]["classification"] + steps[0]["bbox_regression"])) < 1e-6
+    assert "## Distillation vs detection loss" in open(out / "report.md").read()
+    # the §3.5 control: MTPD's schedule without a teacher, one checkpoint per stage
+    assert all((out / "ckpt" / f"long_restart_stage{i + 1}.pt").is_file() for i in range(len(res["order"])))
+    restarts = [rec for rec in log if rec["event"] == "trained" and rec["desc"].startswith("long_restart")]
+    assert [(rec["desc"], rec["steps"]) for rec in restarts] == [
+        (f"long_restart_stage{i + 1}", train.PRESETS["tiny"]["stage_steps"]) for i in range(len(res["order"]))]
     # a second run reuses the folder: no checkpoint is rewritten, and it prints the same table
     mtimes = {f: os.path.getmtime(out / "ckpt" / f) for f in os.listdir(out / "ckpt")}
     r2 = run_cli("reproduce", "--preset", "tiny", "--out", str(out), cwd=str(tmp_path))
+    assert "inherited" not in r2.stdout and "inherited 28 of the student's 28" in r.stdout
+    # a cached checkpoint trained with another recipe is refused, not silently reused
+    bad = run_cli("--preset", "tiny", "--out", str(out), "--lam", "3", cwd=str(tmp_path))
+    assert bad.returncode == 2 and "direct.pt was trained with another recipe" in bad.stderr
     assert r2.returncode == 0 and mtimes == {f: os.path.getmtime(out / "ckpt" / f) for f in os.listdir(out / "ckpt")}
     assert r.stdout.split("run ")[-1].split("wall")[0] == r2.stdout.split("run ")[-1].split("wall")[0]
     # Fig. 4 on top: only the PKD runs train; the L2 rows are the ones above
@@ -400,6 +421,27 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     new = set(os.listdir(out / "ckpt")) - set(mtimes)
     assert new == {"direct_pkd.pt"} | {f"mtpd_pkd_stage{i + 1}.pt" for i in range(len(res["order"]))}
     assert "## Mechanisms" in open(out / "report.md").read()
+
+
+def test_reproduce_several_seeds_share_the_pool_and_give_mean_and_spread(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the built-in data is written under the working directory
+    out = tmp_path / "run"
+    train.main(["--preset", "tiny", "--out", str(out), "--seeds", "0", "1"])  # no subcommand: reproduce
+    res = json.load(open(out / "results.json"))
+    assert res["seeds"] == [0, 1] and sorted(res["per_seed"]) == ["0", "1"]
+    pool = [lab for lab, *_ in train.PRESETS["tiny"]["pool"]]
+    assert sorted(os.listdir(out / "ckpt")) == sorted(f"{lab}.pt" for lab in pool)  # trained once, shared
+    for s in ("0", "1"):
+        assert json.load(open(out / f"seed{s}" / "results.json"))["runs"] == res["per_seed"][s]["runs"]
+        assert not any(f.startswith("r18") for f in os.listdir(out / f"seed{s}" / "ckpt"))
+    ap = [res["per_seed"][s]["runs"]["long"]["AP"] for s in ("0", "1")]
+    assert res["per_seed"]["0"]["runs"]["ots"] != res["per_seed"]["1"]["runs"]["ots"]  # another seed, another run
+    assert abs(res["mean"]["long"]["AP"] - sum(ap) / 2) < 1e-9 and abs(res["std"]["long"]["AP"] - abs(ap[0] - ap[1]) / 2 ** 0.5) < 1e-9
+    gap = [res["per_seed"][s]["runs"]["mtpd"]["AP"] - res["per_seed"][s]["runs"]["direct"]["AP"] for s in ("0", "1")]
+    assert abs(res["gaps"]["mtpd - direct"]["AP"]["mean"] - sum(gap) / 2) < 1e-9
+    assert set(res["gaps"]) == {"direct - long", "mtpd - direct", "mtpd - long", "mtpd - long_restart", "mtpd - ensemble"}
+    text = open(out / "report.md").read()
+    assert "## Mean ± std over seeds" in text and "## Gaps" in text
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):

@@ -1,11 +1,12 @@
 """mtpd command line: train, eval, cost, order, distill, reproduce. All configuration lives in this file.
 
     python train.py                      # = reproduce --preset default: the whole method on built-in data
+    python train.py --seeds 0 1 2        # every row for three seeds (one shared pool), mean and spread
     python train.py reproduce --preset tiny --out runs/tiny
     python train.py train --model retinanet_r18 --scale 0.5 --out runs/r18
     python train.py cost --ckpts a.pt b.pt c.pt --out cost.json
     python train.py order --cost cost.json --student a --k 3
-    python train.py distill --student a.pt --teachers b.pt c.pt --out runs/distill
+    python train.py distill --student a.pt --teachers b.pt c.pt [--inherit] --out runs/distill
 """
 import argparse
 import json
@@ -28,7 +29,7 @@ from report import table
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets for `reproduce`. A pool entry is (label, model name, input scale, extra build kwargs).
-# Measured on 2 CPU cores (see README): tiny ~2 min, default <= 30 min.
+# Measured on 2 CPU cores (RESULTS.md): tiny under a minute; default see RESULTS.md.
 # ---------------------------------------------------------------------------------------------------------
 SMALL = dict(fpn_channels=128, head_convs=2)  # a light RetinaNet: at 128 px its head dominates the step
 PRESETS = {
@@ -108,7 +109,7 @@ def cmd_reproduce(args):
     root = dataset_root(args)
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         fail(f"--seeds must be different from each other, got {args.seeds}")
-    p = dict(p, **{k: v for k, v in (("lam", args.lam), ("inherit", args.inherit or None),
+    p = dict(p, **{k: v for k, v in (("lam", args.lam), ("inherit", args.inherit),
                                     ("adapter", None if args.adapter == "auto" else args.adapter)) if v is not None})
     return reproduce.reproduce(p, args.preset, out, root, lambda b, masks, seed: loaders(args, root, b, seed, masks),
                                args.dev, args.seeds or [args.seed], train_opts(args), args.mechanism,
@@ -283,11 +284,13 @@ def cmd_distill(args):
     if len(args.mechanism) not in (1, len(order)):
         fail(f"--mechanism takes one mechanism, or one per stage ({len(order)}), not {len(args.mechanism)}")
     mech = args.mechanism * len(order) if len(args.mechanism) == 1 else args.mechanism
-    if saved.get("mechanisms", mech) != mech or saved.get("published", args.published_weights) != args.published_weights:
-        fail(f"{args.out} was started with other --mechanism / --published-weights: resume with the same")
+    recipe = {"mechanisms": mech, "published": args.published_weights, "lam": args.lam, "inherit": args.inherit,
+              "adapter": args.adapter, "steps": args.steps}
+    if any(saved.get(k, v) != v for k, v in recipe.items()):
+        fail(f"{args.out} was started with other --mechanism / --published-weights / --lam / --inherit / --adapter "
+             "/ --steps: resume with the same")
     print(f"order: {' -> '.join(f'{t} ({m})' for t, m in zip(order, mech))}")
-    save_json(order_path, {"student": sspec["label"], "order": order, "mechanisms": mech,
-                           "published": args.published_weights})
+    save_json(order_path, {"student": sspec["label"], "order": order, **recipe})
 
     def run_stage(model, stage_teachers, i):
         done, state = os.path.join(args.out, f"stage{i + 1}.pt"), os.path.join(args.out, f"stage{i + 1}.state.pt")
@@ -326,9 +329,10 @@ def get_args_parser():
         p.add_argument("--fp32", action="store_true", help="on CUDA, turn off bf16 autocast and channels_last")
         p.add_argument("--compile", action="store_true", help="torch.compile the backbones (CUDA; slow start)")
 
-    def distill_opts(p):
-        p.add_argument("--inherit", action="store_true",
-                       help="before stage 1, copy the first teacher's neck and head into the student (authors' code)")
+    def distill_opts(p, inherit=False):
+        p.add_argument("--inherit", action=argparse.BooleanOptionalAction, default=inherit,
+                       help="before stage 1, copy the first teacher's neck and head into the student (authors' "
+                            "code); --no-inherit starts from the student's own")
         p.add_argument("--adapter", default="auto", choices=["auto", "conv"],
                        help="auto: identity where the widths match (§3.1); conv: always a learned 1x1 conv")
 
@@ -400,7 +404,7 @@ def get_args_parser():
     p.add_argument("--seeds", type=int, nargs="+", help="run every row for each seed (the pool is trained once); "
                    "results.json and report.md give the mean and spread")
     p.add_argument("--lam", type=float, help="weight of the feature loss (default: the preset's)")
-    distill_opts(p)
+    distill_opts(p, inherit=None)  # None: the preset's
     resumable(p)
     return ap
 

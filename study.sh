@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The study behind the default preset (RESULTS.md): each cell distils the seed-0 off-the-shelf student
+# directly from the best teacher, at the same budget and with the same batches as the `direct` and `long`
+# rows of `python train.py --seeds 0 1 2 --out runs/seeds` (seed 635 = the seed those rows train with).
+# The cell `--lam 1 --inherit` at the row's budget is the `direct` row itself. --lam 0 trains without the
+# teacher's signal: like `long` (the same batches; the flips differ, since the adapters' first batch draws
+# from the RNG), and with --inherit it is `long` from the inherited neck and head.
+# Run that reproduction first; then `bash study.sh` (about 35 minutes on 2 CPU cores, one run at a time;
+# a finished cell is reused). Prints one line per cell.
+set -euo pipefail
+cd "$(dirname "$0")"
+RUN=${RUN:-runs/seeds/seed0}; POOL=${POOL:-runs/seeds/ckpt}; OUT=${OUT:-runs/study}
+TEACHER=$POOL/$(python -c "import json; print(json.load(open('$RUN/order.json'))['order'][-1])").pt
+B=$(python -c "import json; print(json.load(open('$RUN/results.json'))['budget_steps'])")  # the rows' budget
+cell() {  # name, iterations, then distill's flags
+  local name=$1 steps=$2; shift 2
+  python train.py distill --student "$RUN/ckpt/ots.pt" --teachers "$TEACHER" --keep-order --seed 635 \
+    --steps "$steps" --resume --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
+  python -c "import torch; m = torch.load('$OUT/$name/stage1.pt', weights_only=True)['metrics']; \
+print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
+}
+mkdir -p "$OUT"
+cell direct_no_inherit    $B --lam 1
+cell long_inherit         $B --lam 0 --inherit    # inheriting alone, no distillation
+cell direct_lam3          $B --lam 3 --inherit
+cell direct_lam0.3        $B --lam 0.3 --inherit
+cell direct_conv_adapter  $B --lam 1 --inherit --adapter conv
+cell long_stage800        $((2 * B)) --lam 0              # stages as long as the OTS schedule
+cell direct_stage800      $((2 * B)) --lam 1 --inherit
