@@ -5,25 +5,32 @@
 # The cell `--lam 1 --inherit` at the row's budget is the `direct` row itself. --lam 0 trains without the
 # teacher's signal: like `long` (the same batches; the flips differ, since the adapters' first batch draws
 # from the RNG), and with --inherit it is `long` from the inherited neck and head.
-# Run that reproduction first; then `bash study.sh` (about 35 minutes on 2 CPU cores, one run at a time;
-# a finished cell is reused). Prints one line per cell.
+# Run that reproduction first; then `bash study.sh` (about 5 minutes a cell of B iterations on 2 CPU cores,
+# one run at a time; a finished cell is reused). Prints one line per cell.
 set -euo pipefail
 cd "$(dirname "$0")"
 RUN=${RUN:-runs/seeds/seed0}; POOL=${POOL:-runs/seeds/ckpt}; OUT=${OUT:-runs/study}
 TEACHER=$POOL/$(python -c "import json; print(json.load(open('$RUN/order.json'))['order'][-1])").pt
 B=$(python -c "import json; print(json.load(open('$RUN/results.json'))['budget_steps'])")  # the rows' budget
-cell() {  # name, iterations, then distill's flags
+S=$(python -c "import json; print(json.load(open('$RUN/results.json'))['recipe']['stage_steps'])")  # per stage
+ORDER=$(python -c "import json; print(' '.join('$POOL/' + t + '.pt' for t in json.load(open('$RUN/order.json'))['order']))")
+cell() {  # name, iterations per stage, then distill's flags (a later --teachers replaces the final teacher)
   local name=$1 steps=$2; shift 2
   python train.py distill --student "$RUN/ckpt/ots.pt" --teachers "$TEACHER" --keep-order --seed 635 \
     --steps "$steps" --resume --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
-  python -c "import torch; m = torch.load('$OUT/$name/stage1.pt', weights_only=True)['metrics']; \
+  python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
+m = torch.load(f, weights_only=True)['metrics']; \
 print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
 }
 mkdir -p "$OUT"
-cell direct_no_inherit    $B --lam 1
+cell direct_no_inherit    $B --lam 1 --no-inherit
 cell long_inherit         $B --lam 0 --inherit    # inheriting alone, no distillation
+# MTPD through the BGS order, with this script's seeds: identity adapters (as the preset), then 1x1 convs,
+# which can absorb the change of channel basis from one independently trained teacher to the next
+cell mtpd_identity        $S --lam 1 --inherit --teachers $ORDER
+cell mtpd_conv_adapter    $S --lam 1 --inherit --adapter conv --teachers $ORDER
+cell direct_conv_adapter  $B --lam 1 --inherit --adapter conv
 cell direct_lam3          $B --lam 3 --inherit
 cell direct_lam0.3        $B --lam 0.3 --inherit
-cell direct_conv_adapter  $B --lam 1 --inherit --adapter conv
 cell long_stage800        $((2 * B)) --lam 0              # stages as long as the OTS schedule
 cell direct_stage800      $((2 * B)) --lam 1 --inherit
