@@ -25,12 +25,12 @@ print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs
 mkdir -p "$OUT"
 cell direct_no_inherit    $B --lam 1 --no-inherit
 cell long_inherit         $B --lam 0 --inherit    # inheriting alone, no distillation
+cell direct_lam0.3        $B --lam 0.3 --inherit
+cell direct_lam3          $B --lam 3 --inherit
 # MTPD through the BGS order, with this script's seeds: identity adapters (as the preset), then 1x1 convs,
 # which can absorb the change of channel basis from one independently trained teacher to the next
 cell mtpd_identity        $S --lam 1 --inherit --teachers $ORDER
 cell mtpd_conv_adapter    $S --lam 1 --inherit --adapter conv --teachers $ORDER
 cell direct_conv_adapter  $B --lam 1 --inherit --adapter conv
-cell direct_lam3          $B --lam 3 --inherit
-cell direct_lam0.3        $B --lam 0.3 --inherit
 cell long_stage800        $((2 * B)) --lam 0              # stages as long as the OTS schedule
 cell direct_stage800      $((2 * B)) --lam 1 --inherit
