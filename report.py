@@ -132,7 +132,7 @@ def fig_landscape(plt, path, lands):
 
 def ratio_rows(results):
     """[run, start, end] of distill / detection loss for every distilled run of a reproduce result."""
-    named = [(k, results["runs"][k]) for k in ("direct", "ensemble")] + [
+    named = [(k, results["runs"][k]) for k in ("direct", "ensemble") if k in results["runs"]] + [
         (f"mtpd stage {i + 1} ({st['teacher']})", st) for i, st in enumerate(results["stages"])]
     return [[k, f"{m['distill_ratio_start']:.2f}", f"{m['distill_ratio_end']:.2f}"]
             for k, m in named if "distill_ratio_start" in m]
