@@ -375,6 +375,9 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
                                  desc=desc))
     finally:
         hook.remove()
+    if distributed():  # DDP syncs buffers at the start of a forward, so each rank's last step left its own
+        for b in model.buffers():  # BatchNorm statistics: evaluate what rank 0 saves, on every rank
+            dist.broadcast(b, 0)
     out = {"train_det_loss": sum(tail) / max(len(tail), 1)}
     if ratios:
         end = [r for s, r in ratios if s >= 0.8 * steps] or [ratios[-1][1]]
