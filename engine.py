@@ -336,6 +336,7 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
     loader.batch_sampler.start = start  # the batches of iterations start, start + 1, ...
     if distributed():  # gradients of the student and adapters are averaged over ranks
         step_module = nn.parallel.DistributedDataParallel(step_module, [device] if device.type == "cuda" else None)
+    core = step_module.module if distributed() else step_module  # the Distilled module, DDP or not
     bar = tqdm(range(start, steps), desc=desc, leave=False, mininterval=1.0, disable=not is_main(),
                initial=start, total=steps)
     batches = iter(loader)
@@ -353,7 +354,6 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
                          f"checkpoint{' ' + state if state else ''} is kept (try a lower --lr)")
                 bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in vals.items()})
                 detect = sum(v for k, v in vals.items() if k != "distill")
-                core = step_module.module if distributed() else step_module
                 levels = {str(s): core.lam * float(v) for s, v in core.levels.items()}
                 if log:  # the detection terms and the distillation term per level (stride)
                     log({"event": "step", "desc": desc, "step": step, **vals, "distill_levels": levels})
@@ -369,7 +369,6 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
                 rng = [None] * dist.get_world_size() if distributed() else None
                 if distributed():
                     dist.all_gather_object(rng, torch.get_rng_state())
-                core = step_module.module if distributed() else step_module
                 save(state, dict(weights=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                  rng=rng or [torch.get_rng_state()], step=step + 1, tail=tail, ratios=ratios,
                                  desc=desc))
