@@ -281,8 +281,8 @@ class CocoDetection(torch.utils.data.Dataset):
     """Images and targets from a COCO-format folder.
 
     Returns (image [3, H, W] float in 0-1, target) with target = {boxes [N, 4] xyxy float, labels [N] int64
-    in 1..K (contiguous, mapped from the sorted category ids), masks [N, H, W] uint8, image_id int}; an
-    image without annotations has boxes [0, 4], labels [0], masks [0, H, W].
+    in 1..K (contiguous, mapped from the sorted category ids), masks [N, H, W] uint8, image_id int,
+    flipped bool}; an image without annotations has boxes [0, 4], labels [0], masks [0, H, W].
     `flip`: horizontal-flip augmentation with probability 0.5 (training). `masks=False` skips rasterising.
     """
 
@@ -319,6 +319,11 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, idx):
+        return self.load(idx, self.flip and torch.rand(1).item() < 0.5)
+
+    def load(self, idx, flip=False):
+        """Item `idx`, horizontally flipped or not (the target records which, as `flipped`: the cache of a
+        teacher's features is keyed by (image_id, flipped))."""
         image_id = self.ids[idx]
         info = self.coco.imgs[image_id]
         h, w = info["height"], info["width"]
@@ -330,16 +335,21 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes = torch.tensor([b for b, _ in kept], dtype=torch.float32).reshape(-1, 4)
         target = {"boxes": boxes,
                   "labels": torch.tensor([self.cat_to_label[a["category_id"]] for _, a in kept], dtype=torch.int64),
-                  "image_id": image_id}
+                  "image_id": image_id, "flipped": flip}
         if self.masks:
             target["masks"] = torch.from_numpy(np.stack([ann_mask(a["segmentation"], h, w) for _, a in kept])
                                                if kept else np.zeros((0, h, w), np.uint8))
-        if self.flip and torch.rand(1).item() < 0.5:
+        if flip:
             image = image.flip(-1)
             target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
             if self.masks:
                 target["masks"] = target["masks"].flip(-1)
         return image, target
+
+    def one_size(self):
+        """(H, W) when every image has that size, else None: then every batch is padded alike."""
+        sizes = {(im["height"], im["width"]) for im in self.coco.imgs.values()}
+        return sizes.pop() if len(sizes) == 1 else None
 
 
 def collate(batch):
@@ -354,14 +364,16 @@ SUMMARY_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 
 
 @torch.no_grad()
-def predict(model, loader, category_ids, device, progress=False):
+def predict(model, loader, category_ids, device, progress=False, bf16=False):
     """Run `model` (eval mode) over `loader`; return COCO-format results lists for bbox and segm
-    (segm empty when the model predicts no masks), with labels mapped back to the original category ids."""
+    (segm empty when the model predicts no masks), with labels mapped back to the original category ids.
+    bf16: under bfloat16 autocast (the fast path; the anchors stay float32, see models.Float32Anchors)."""
     from tqdm import tqdm
     model.eval()
     bbox, segm = [], []
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        outputs = model([im.to(device, non_blocking=True) for im in images])
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+            outputs = model([im.to(device, non_blocking=True) for im in images])
         for out, tgt in zip(outputs, targets):
             b = out["boxes"].float().cpu()
             b[:, 2:] -= b[:, :2]  # xyxy -> xywh
@@ -407,10 +419,10 @@ def score(coco_gt, bbox, segm=()):
     return out
 
 
-def evaluate(model, loader, device, progress=False):
+def evaluate(model, loader, device, progress=False, bf16=False):
     """score() of `model`'s detections on loader.dataset (a CocoDetection)."""
     ds = loader.dataset
-    return score(ds.coco, *predict(model, loader, ds.category_ids, device, progress))
+    return score(ds.coco, *predict(model, loader, ds.category_ids, device, progress, bf16))
 
 
 def write_results(path, results):

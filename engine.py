@@ -164,7 +164,9 @@ def save_json(path, obj):
 
 
 def save_ckpt(path, model, spec, metrics, **extra):
-    save(path, dict(model=model.state_dict(), spec=spec, metrics=metrics, **extra))
+    """A plain float32 state_dict (contiguous, whatever memory format training used) with its spec."""
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save(path, dict(model=weights, spec=spec, metrics=metrics, **extra))
 
 
 def read(path):
@@ -193,6 +195,7 @@ def load(path, device="cpu"):
     except Exception as e:  # weights that do not match the spec
         fail(f"checkpoint {path} does not match its spec {ck['spec'].get('name')}: "
              f"{' '.join(str(e).split())[:200]}")
+    model.source = (os.path.abspath(path), os.stat(path).st_mtime_ns)  # identifies it to teacher_cache
     return model.to(device), ck["spec"], ck.get("metrics", {})
 
 
@@ -221,9 +224,12 @@ class Distilled(nn.Module):
     """What one training step differentiates, as one module so that DDP can wrap it: the student, its
     training-only adapters and the mechanisms' learnable parts (§3.4; None for the L2). Teachers are a
     plain list, not submodules: frozen, one replica per rank, never synchronised and never in the
-    optimiser. forward(images, targets) -> loss dict (§3.1)."""
+    optimiser. forward(images, targets) -> loss dict (§3.1).
+    teacher_bf16: the teachers' no-grad forwards under bfloat16 autocast (the fast path; the feature loss
+    is float32 all the same). caches: one per teacher, None or a FeatureCache (teacher_cache) that
+    replaces that teacher's forward by a look-up of its features for each (image, flip)."""
 
-    def __init__(self, student, teachers, adapters, lam, mechs=None):
+    def __init__(self, student, teachers, adapters, lam, mechs=None, teacher_bf16=False, caches=None):
         super().__init__()
         self.student, self.adapters, self.teachers, self.lam = student, nn.ModuleList(adapters), teachers, lam
         self.mechs = nn.ModuleList(mechs) if mechs is not None else None
@@ -232,12 +238,84 @@ class Distilled(nn.Module):
         self.boxes = input_boxes if uses_boxes else None
         self.feats, self.hook = mtpd.capture_features(student.backbone)
         self.levels = {}  # stride -> this step's feature loss at that level (tensors, read when logging)
+        self.teacher_bf16 = teacher_bf16
+        self.caches = {id(t): c for t, c in zip(teachers, caches or [None] * len(teachers))}
 
     def forward(self, images, targets):
         self.levels.clear()
+
+        def teacher_features(teacher, images):
+            cache = self.caches[id(teacher)]
+            if cache is not None:
+                return cache.lookup(targets, images[0].device)
+            with torch.autocast(images[0].device.type, torch.bfloat16, enabled=self.teacher_bf16):
+                return fpn_features(teacher, images)
+
         return mtpd.distill_losses(self.student, images, targets, self.feats, self.teachers, list(self.adapters),
-                                   fpn_features, self.lam, None if self.mechs is None else list(self.mechs),
+                                   teacher_features, self.lam, None if self.mechs is None else list(self.mechs),
                                    self.boxes, self.levels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast path's cache of teacher features. A teacher is frozen and the data have one augmentation (a
+# flip), so its features of each (image, flip) are the same at every iteration of a stage, and of every
+# stage and row that uses it: computed once, in one pass over the training set, they replace the
+# teacher's forward (about as long as the student's whole training step for an R50 teacher).
+# ---------------------------------------------------------------------------------------------------------
+CACHE_GIB = 2.0  # all caches together; train.py's --cache-gib sets it
+_caches = {}  # (checkpoint, strides, device, bf16) -> FeatureCache, reused across stages and rows
+
+
+class FeatureCache:
+    """{(image_id, flipped): {stride: [C, h, w] float16}}; lookup stacks a batch's maps as float32.
+    float16 holds a bfloat16 value exactly (8 significant bits of 11), and a float32 one to ~5e-4."""
+
+    def __init__(self, maps):
+        self.maps = maps
+
+    def nbytes(self):
+        return sum(f.numel() * f.element_size() for m in self.maps.values() for f in m.values())
+
+    def lookup(self, targets, device):
+        keys = [(t["image_id"], bool(t.get("flipped", False))) for t in targets]
+        with torch.autocast(device.type, enabled=False):  # CPU autocast refuses to stack float16
+            return {s: torch.stack([self.maps[k][s] for k in keys]).to(device).float() for s in self.maps[keys[0]]}
+
+
+@torch.no_grad()
+def teacher_cache(teacher, dataset, strides, device, bf16, batch=8, desc="cache"):
+    """The FeatureCache of `teacher` on every training image, unflipped and flipped, at `strides` (the
+    levels the loss uses), computed as in training (same resizing and padding, bf16 autocast if `bf16`);
+    or None, with one line saying why, when it cannot stand in for the forward exactly: images of
+    different sizes (a batch's padding then depends on its other images) or more memory than CACHE_GIB
+    leaves. A teacher loaded from a checkpoint (engine.load) is cached once per process."""
+    key = (getattr(teacher, "source", None), tuple(strides), str(device), bf16)
+    if key[0] is not None and key in _caches:
+        return _caches[key]
+    if not hasattr(dataset, "one_size") or dataset.one_size() is None:
+        if is_main():
+            print(f"{desc}: teacher features not cached: the training images differ in size (each batch is "
+                  "padded to its largest image, so a teacher's map depends on the batch)")
+        return None
+    items = [(i, flip) for i in range(len(dataset)) for flip in (False, True)]
+    maps, limit = {}, CACHE_GIB * 2 ** 30 - sum(c.nbytes() for c in _caches.values())
+    for j in tqdm(range(0, len(items), batch), desc=desc, leave=False, disable=not is_main()):
+        pairs = [dataset.load(i, flip) for i, flip in items[j:j + batch]]
+        images = [im.to(device) for im, _ in pairs]
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            feats = fpn_features(teacher, images)
+        for n, (_, t) in enumerate(pairs):
+            maps[(t["image_id"], t["flipped"])] = {s: feats[s][n].to(torch.float16) for s in strides}
+        if j == 0 and FeatureCache(maps).nbytes() * len(items) / len(pairs) > limit:
+            if is_main():
+                need = FeatureCache(maps).nbytes() * len(items) / len(pairs) / 2 ** 30
+                print(f"{desc}: teacher features not cached: they need {need:.2f} GiB, over the "
+                      f"{CACHE_GIB:g} GiB cache limit (--cache-gib); the teacher runs at every step")
+            return None
+    cache = FeatureCache(maps)
+    if key[0] is not None:
+        _caches[key] = cache
+    return cache
 
 
 def input_boxes(model, images, targets):
@@ -279,15 +357,31 @@ def train_step(step_module, opt, sched, params, images, targets, bf16=False):
     return losses
 
 
+def adamw(params, lr, fused=False):
+    """AdamW with weight decay 1e-4. fused: one kernel for all parameters (the fast path; on 2 CPU cores
+    the per-parameter loop of the default AdamW takes ~30% of a student step, bench.py P7). A device
+    without the fused kernel falls back to the loop, with one line."""
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, fused=True)
+        except (RuntimeError, ValueError) as e:
+            if is_main():
+                print(f"fused AdamW unavailable ({str(e).splitlines()[0][:100]}); using the plain one")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+
+
 def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, desc="train", log=None,
-               bf16=False, channels_last=False, compile=False, state=None, every=0, resume=False, snapshots=None,
-               mechanism="l2", published=False, inherit_first=False, conv_adapter=False):
+               fast=False, compile=False, state=None, every=0, resume=False, snapshots=None, mechanism="l2",
+               published=False, inherit_first=False, conv_adapter=False):
     """Train `model` for `steps` iterations with a fresh AdamW and LR schedule (a fresh optimiser per
     stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added, or,
     with `mechanism` in mechanisms.NAMES other than 'l2', that mechanism's loss (fresh modules too, §3.4;
     loss weights retuned for the built-in benchmark, or the authors' with published=True).
-    bf16 / channels_last / compile: the CUDA fast path (autocast for student and teachers, NHWC
-    convolutions, torch.compile of the backbones in place: state_dict keys do not change).
+    fast: the fast path (train.py's default, off with --fp32), on a CPU as on CUDA: bfloat16 autocast and
+    channels_last for student and teachers (the feature loss, the anchors and P6/P7 stay float32), fused
+    AdamW, and with the L2 each teacher's features cached for the whole training set (teacher_cache)
+    instead of a forward per step. compile: torch.compile of the backbones in place (state_dict keys do
+    not change; measured on 2 CPU cores: 100 s to compile and a slower step, so off by default).
     state, every, resume: every `every` iterations the whole training state (weights, adapters,
     optimiser, schedule, iteration, RNG) is written atomically to the file `state`; with resume=True a
     state found there is continued, and on a CPU the result is identical to an uninterrupted run.
@@ -302,7 +396,7 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
     logged iteration and over the last 20% (with teachers)}."""
     torch.manual_seed(seed + rank())  # augmentation differs per rank; the data order is shared
     loader.batch_sampler.seed, loader.batch_sampler.start = seed, 0
-    fmt = torch.channels_last if channels_last else torch.preserve_format
+    fmt = torch.channels_last if fast else torch.preserve_format
     model.to(device, memory_format=fmt).train()
     teachers = [mtpd.freeze(t.to(device, memory_format=fmt)) for t in teachers]
     if compile:
@@ -319,10 +413,14 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
             adapters, mechs = make_adapters(model, teachers, first, mechanism, published, conv_adapter)
         except ValueError as e:  # no common FPN stride, nothing to inherit
             fail(f"cannot distil {desc}: {e}")
-    step_module = Distilled(model, teachers, adapters, lam, mechs).to(device, memory_format=fmt)
+    caches = None
+    if teachers and fast and mechanism == "l2":  # a mechanism other than the L2 reads the exact map
+        caches = [teacher_cache(t, loader.dataset, [int(k) for k in a], device, True, loader.batch_sampler.batch,
+                                f"{desc} teacher {i + 1} features") for i, (t, a) in enumerate(zip(teachers, adapters))]
+    step_module = Distilled(model, teachers, adapters, lam, mechs, fast, caches).to(device, memory_format=fmt)
     hook = step_module.hook
     params = [p for p in step_module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    opt = adamw(params, lr, fused=fast)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps))
     start, tail, ratios = 0, [], []
     if resume and state and os.path.isfile(state):
@@ -346,7 +444,7 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-            losses = train_step(step_module, opt, sched, params, images, targets, bf16)
+            losses = train_step(step_module, opt, sched, params, images, targets, fast)
             if step % 10 == 0 or step == steps - 1:  # read values (a host sync) only at log intervals
                 vals = {k: v.item() for k, v in losses.items()}
                 if not all(math.isfinite(v) for v in vals.values()):
@@ -389,10 +487,21 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: COCOeval on rank 0 over the detections of every rank.
 # ---------------------------------------------------------------------------------------------------------
-def evaluate(model, loader, device, progress=False):
+def evaluate(model, loader, device, progress=False, bf16=False):
+    """COCO metrics of `model` on the loader's data; bf16: the forward under bfloat16 autocast (fast path)."""
+    if bf16:
+        model.to(memory_format=torch.channels_last)
+    try:
+        return _evaluate(model, loader, device, progress, bf16)
+    finally:
+        if bf16:
+            model.to(memory_format=torch.contiguous_format)
+
+
+def _evaluate(model, loader, device, progress, bf16):
     if not distributed():
-        return data.evaluate(model, loader, device, progress)
-    part = data.predict(model, loader, loader.dataset.category_ids, device)
+        return data.evaluate(model, loader, device, progress, bf16)
+    part = data.predict(model, loader, loader.dataset.category_ids, device, bf16=bf16)
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, part)
     metrics = None

@@ -94,6 +94,17 @@ class Float32Anchors(AnchorGenerator):
                                             for f in feature_maps])
 
 
+class Float32P6P7(LastLevelP6P7):
+    """torchvision's P6/P7 block, run in float32 even under bf16 autocast: oneDNN's bf16 convolution
+    backward on a CPU returns NaN weight gradients for a 1x1 input map (measured: 6 of 150 steps of a
+    RetinaNet-R18 at 64 px, whose P6 is 1x1). The maps are a few cells: float32 costs nothing there.
+    Same parameters and state_dict keys."""
+
+    def forward(self, p, c, names):
+        with torch.autocast(p[-1].device.type, enabled=False):
+            return super().forward(p[:-1] + [p[-1].float()], c[:-1] + [c[-1].float()], names)
+
+
 class FrozenBN(FrozenBatchNorm2d):
     """torchvision's FrozenBatchNorm2d (fixed statistics and affine) that keeps BatchNorm2d's
     `num_batches_tracked`, so a model has the same state_dict keys built for finetuning or from scratch.
@@ -148,7 +159,7 @@ def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fp
     if two_stage:  # C2-C5 -> P2-P5 + max-pooled P6
         stages, extra = [1, 2, 3, 4], LastLevelMaxPool()
     else:  # C3-C5 -> P3-P7; P6 from P5 (v1, FCOS) or from C5 (RetinaNet v2)
-        stages, extra = [2, 3, 4], LastLevelP6P7(c5 if v2 else fpn_channels, fpn_channels)
+        stages, extra = [2, 3, 4], Float32P6P7(c5 if v2 else fpn_channels, fpn_channels)
     backbone = _backbone(body, fpn_channels, stages, extra, zero_init_residual, frozen_bn=pretrained and not v2,
                          frozen_stem=pretrained, fpn_norm=nn.BatchNorm2d if v2 and two_stage else None)
     sizes = [int(anchor_base * scale * 2 ** i) for i in range(5)]  # one base size per level

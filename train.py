@@ -85,10 +85,15 @@ def dataset_root(args, split="train"):
 
 
 def train_opts(args):
-    """The CUDA fast path (bf16 autocast, channels_last; off with --fp32; on a CPU plain float32), and
-    the resume state written every --ckpt-every iterations (continued with --resume)."""
-    on = args.device == "cuda" and not args.fp32
-    return dict(bf16=on, channels_last=on, compile=args.compile, every=args.ckpt_every, resume=args.resume)
+    """The fast path (engine.train_loop's `fast`: bf16 autocast, channels_last, fused AdamW, cached teacher
+    features; off with --fp32), and the resume state written every --ckpt-every iterations (--resume)."""
+    engine.CACHE_GIB = args.cache_gib
+    return dict(fast=not args.fp32, compile=args.compile, every=args.ckpt_every, resume=args.resume)
+
+
+def evaluate(model, loader, args):
+    """COCO metrics; on the fast path the forward runs under bf16 autocast (float32 with --fp32)."""
+    return engine.evaluate(model, loader, args.dev, bf16=not args.fp32)
 
 
 def workers(args):
@@ -144,7 +149,7 @@ def cmd_train(args):
     steps = args.epochs * len(train_loader)
     fit = engine.train_loop(model, train_loader, steps, args.lr, device, args.seed, desc=args.model, state=state,
                             **train_opts(args)) if steps else {"train_det_loss": float("nan")}
-    metrics = {**engine.evaluate(model, val_loader, device), **fit}
+    metrics = {**evaluate(model, val_loader, args), **fit}
     save_ckpt(final, model, spec, metrics)
     engine.discard(state)
     print(table({args.model: metrics}))
@@ -238,7 +243,7 @@ def cmd_order_all(args):
     reproduce.check_setup(args.out, args.ckpt_student, teachers, args.steps, args.lr, args.lam, args.seed)
     models = {sspec["label"]: student, **{spec["label"]: m for m, spec, _ in loaded.values()}}
     cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), args.images, device)
-    ap = {spec["label"]: met["AP"] if met.get("AP") is not None else engine.evaluate(m, val_loader, device)["AP"]
+    ap = {spec["label"]: met["AP"] if met.get("AP") is not None else evaluate(m, val_loader, args)["AP"]
           for m, spec, met in loaded.values()}
     bgs = teacher_order(cost, sspec["label"], ap, len(teachers))
     res = reproduce.every_order(args.ckpt_student, teachers, bgs, args.steps, args.lr, args.lam, args.out, train_loader,
@@ -275,7 +280,7 @@ def cmd_distill(args):
     elif args.keep_order:
         order = list(teachers)
     else:
-        ap = {k: met.get("AP") if met.get("AP") is not None else engine.evaluate(m, val_loader, device)["AP"]
+        ap = {k: met.get("AP") if met.get("AP") is not None else evaluate(m, val_loader, args)["AP"]
               for k, (_, m, met, _) in teachers.items()}
         cost = engine.cost_matrix({sspec["label"]: student, **{k: v[1] for k, v in teachers.items()}},
                                   data.CocoDetection(root, "train", masks=False), args.images, device)
@@ -303,7 +308,7 @@ def cmd_distill(args):
                                 args.lam, desc=f"stage {i + 1}", log=log, state=state, mechanism=mech[i],
                                 published=args.published_weights, inherit_first=args.inherit and i == 0,
                                 conv_adapter=args.adapter == "conv", **train_opts(args))
-        metrics = {**engine.evaluate(model, val_loader, device), **fit}
+        metrics = {**evaluate(model, val_loader, args), **fit}
         save_ckpt(done, model, sspec, metrics)
         engine.discard(state)
         log({"event": "stage", "stage": i + 1, "teacher": order[i], **metrics})
@@ -326,7 +331,10 @@ def get_args_parser():
         p.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are deterministic)")
         p.add_argument("--batch", type=int, default=8, help="images per batch (per process under torchrun)")
         p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
-        p.add_argument("--fp32", action="store_true", help="on CUDA, turn off bf16 autocast and channels_last")
+        p.add_argument("--fp32", action="store_true",
+                       help="the plain path: float32, NCHW, per-parameter AdamW, a teacher forward at every step")
+        p.add_argument("--cache-gib", type=float, default=2.0,
+                       help="memory for cached teacher features (fast path; default 2 GiB)")
         p.add_argument("--compile", action="store_true", help="torch.compile the backbones (CUDA; slow start)")
 
     def distill_opts(p, inherit=False):
