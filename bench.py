@@ -19,6 +19,7 @@ import torch
 
 import engine
 import mtpd
+from train import RECIPE
 from models import count_params, fpn_features
 
 SMALL = dict(fpn_channels=128, head_convs=2)  # the default preset's light RetinaNet
@@ -76,14 +77,14 @@ def p1(device, size, batch, repeats, bf16=False, channels_last=False):
     plain, dist = stage(student, [], images), stage(student, [teacher], images)
 
     def student_step():
-        engine.train_step(*plain, images, targets, bf16)
+        engine.train_step(*plain, images, targets, bf16, RECIPE["clip"])
 
     def teacher_forward():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             fpn_features(teacher, images)
 
     def distill_step():
-        engine.train_step(*dist, images, targets, bf16)
+        engine.train_step(*dist, images, targets, bf16, RECIPE["clip"])
 
     fns = {"student": student_step, "teacher": teacher_forward, "distill": distill_step}
     for fn in fns.values():  # warm-up (allocator, cudnn autotuning)
@@ -128,8 +129,9 @@ def p7(device, size, batch, repeats):
             m = detector(name, scale, size, device).to(memory_format=torch.channels_last if low else
                                                        torch.contiguous_format)
             m_, _, sched, params = stage(m, [], images)
-            opt = engine.adamw(params, 1e-4, fused=mode != "plain")
-            fns[mode] = lambda s=(m_, opt, sched, params), low=low: engine.train_step(*s, images, targets, low)
+            opt = engine.adamw(params, 1e-4, RECIPE["weight_decay"], fused=mode != "plain")
+            fns[mode] = lambda s=(m_, opt, sched, params), low=low: engine.train_step(*s, images, targets, low,
+                                                                                      RECIPE["clip"])
             if mode != "fused":
                 e = detector(name, scale, size, device).eval()
                 e = e.to(memory_format=torch.channels_last) if low else e
@@ -159,7 +161,8 @@ def p8(device, size, batch, repeats):
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             feats = fpn_features(teacher, images)
         return engine.FeatureCache({(i, False): {int(s): feats[int(s)][i].half() for s in adapters[0]}
-                                    for i in range(len(images))})
+                                    for i in range(len(images))},
+                                   {(i, False): feats.sizes[i] for i in range(len(images))})
 
     cache = fill()
     steps = {}
@@ -167,9 +170,9 @@ def p8(device, size, batch, repeats):
         teachers = [] if mode == "student" else [teacher]
         m = engine.Distilled(student.train(), teachers, adapters if teachers else [], 1.0, None, True, caches)
         params = [p for p in m.parameters() if p.requires_grad]
-        opt = engine.adamw(params, 1e-4, fused=True)
+        opt = engine.adamw(params, 1e-4, RECIPE["weight_decay"], fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        steps[mode] = lambda s=(m, opt, sched, params): engine.train_step(*s, images, targets, True)
+        steps[mode] = lambda s=(m, opt, sched, params): engine.train_step(*s, images, targets, True, RECIPE["clip"])
     t = interleaved({**steps, "fill": fill}, device, repeats)
     per_image = cache.nbytes() / len(images)
     return {"p8_teacher_share_cached": (t["cached"] - t["student"]) / t["cached"],
@@ -300,7 +303,7 @@ def mem_worker(mode, device, size, batch, steps):
     m, opt, sched, params = stage(student, [teacher] if mode == "distill" else [], images)
 
     def work():
-        engine.train_step(m, opt, sched, params, images, targets)
+        engine.train_step(m, opt, sched, params, images, targets, False, RECIPE["clip"])
         if mode == "plain":
             with torch.no_grad():
                 fpn_features(teacher, images)
@@ -340,7 +343,7 @@ def p4(device, size, batch, repeats):
     student = detector("retinanet_r18", 0.5, size, device)
     teacher = mtpd.freeze(detector("retinanet_r50", 1.0, size, device))
     m, opt, sched, params = stage(student, [teacher], images)
-    engine.train_step(m, opt, sched, params, images, targets)  # one real distillation step
+    engine.train_step(m, opt, sched, params, images, targets, False, RECIPE["clip"])  # one real distillation step
     m.hook.remove()
     exported = engine.build(engine.make_spec("s", "retinanet_r18", 0.5, size, [1, 2, 3, 5, 8], **SMALL))
     exported.load_state_dict(student.state_dict(), strict=True)  # what student.pt holds

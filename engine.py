@@ -212,12 +212,13 @@ def jsonl(path):
 # ---------------------------------------------------------------------------------------------------------
 # Training: one loop for plain training, a progressive stage (one teacher) and the ensemble (several).
 # ---------------------------------------------------------------------------------------------------------
-def lr_at(step, steps, warmup=50):
-    """Linear warm-up, constant, then x0.1 for the last 15%: from scratch, decaying early hurts
-    (measured: cosine decay over a 5-minute CPU run gave 0.33 AP where a constant LR gave 0.46)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 if step >= 0.85 * steps else 1.0
+def lr_at(step, steps, recipe):
+    """The LR factor at `step` of `steps`: linear warm-up over recipe['warmup'] iterations, constant, then
+    x recipe['drop'] from the fraction recipe['drop_at'] on (from scratch, decaying early hurts: measured,
+    cosine decay over a 5-minute CPU run gave 0.33 AP where a constant LR gave 0.46)."""
+    if step < recipe["warmup"]:
+        return (step + 1) / recipe["warmup"]
+    return recipe["drop"] if step >= recipe["drop_at"] * steps else 1.0
 
 
 class Distilled(nn.Module):
@@ -236,7 +237,7 @@ class Distilled(nn.Module):
         # boxes in each teacher's frame cost a second resize of the batch: only for mechanisms that use them
         uses_boxes = any(getattr(m, "needs_boxes", False) for d in mechs or [] for m in d.values())
         self.boxes = input_boxes if uses_boxes else None
-        self.feats, self.hook = mtpd.capture_features(student.backbone)
+        self.feats, self.hook = mtpd.capture_features(student.backbone, student.transform)
         self.levels = {}  # stride -> this step's feature loss at that level (tensors, read when logging)
         self.teacher_bf16 = teacher_bf16
         self.caches = {id(t): c for t, c in zip(teachers, caches or [None] * len(teachers))}
@@ -252,8 +253,9 @@ class Distilled(nn.Module):
                 return fpn_features(teacher, images)
 
         return mtpd.distill_losses(self.student, images, targets, self.feats, self.teachers, list(self.adapters),
-                                   teacher_features, self.lam, None if self.mechs is None else list(self.mechs),
-                                   self.boxes, self.levels)
+                                   teacher_features, lam=self.lam,
+                                   mechanisms=None if self.mechs is None else list(self.mechs),
+                                   teacher_boxes=self.boxes, levels=self.levels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,8 +272,8 @@ class FeatureCache:
     """{(image_id, flipped): {stride: [C, h, w] float16}}; lookup stacks a batch's maps as float32.
     float16 holds a bfloat16 value exactly (8 significant bits of 11), and a float32 one to ~5e-4."""
 
-    def __init__(self, maps):
-        self.maps = maps
+    def __init__(self, maps, sizes):
+        self.maps, self.sizes = maps, sizes  # sizes: (image_id, flipped) -> (h, w) in the teacher's frame
 
     def nbytes(self):
         return sum(f.numel() * f.element_size() for m in self.maps.values() for f in m.values())
@@ -279,7 +281,8 @@ class FeatureCache:
     def lookup(self, targets, device):
         keys = [(t["image_id"], bool(t.get("flipped", False))) for t in targets]
         with torch.autocast(device.type, enabled=False):  # CPU autocast refuses to stack float16
-            return {s: torch.stack([self.maps[k][s] for k in keys]).to(device).float() for s in self.maps[keys[0]]}
+            return mtpd.Levels({s: torch.stack([self.maps[k][s] for k in keys]).to(device).float()
+                                for s in self.maps[keys[0]]}, [self.sizes[k] for k in keys])
 
 
 @torch.no_grad()
@@ -298,7 +301,7 @@ def teacher_cache(teacher, dataset, strides, device, bf16, batch=8, desc="cache"
                   "padded to its largest image, so a teacher's map depends on the batch)")
         return None
     items = [(i, flip) for i in range(len(dataset)) for flip in (False, True)]
-    maps, limit = {}, CACHE_GIB * 2 ** 30 - sum(c.nbytes() for c in _caches.values())
+    maps, sizes, limit = {}, {}, CACHE_GIB * 2 ** 30 - sum(c.nbytes() for c in _caches.values())
     for j in tqdm(range(0, len(items), batch), desc=desc, leave=False, disable=not is_main()):
         pairs = [dataset.load(i, flip) for i, flip in items[j:j + batch]]
         images = [im.to(device) for im, _ in pairs]
@@ -306,13 +309,14 @@ def teacher_cache(teacher, dataset, strides, device, bf16, batch=8, desc="cache"
             feats = fpn_features(teacher, images)
         for n, (_, t) in enumerate(pairs):
             maps[(t["image_id"], t["flipped"])] = {s: feats[s][n].to(torch.float16) for s in strides}
-        if j == 0 and FeatureCache(maps).nbytes() * len(items) / len(pairs) > limit:
+            sizes[(t["image_id"], t["flipped"])] = feats.sizes[n]
+        if j == 0 and FeatureCache(maps, sizes).nbytes() * len(items) / len(pairs) > limit:
             if is_main():
-                need = FeatureCache(maps).nbytes() * len(items) / len(pairs) / 2 ** 30
+                need = FeatureCache(maps, sizes).nbytes() * len(items) / len(pairs) / 2 ** 30
                 print(f"{desc}: teacher features not cached: they need {need:.2f} GiB, over the "
                       f"{CACHE_GIB:g} GiB cache limit (--cache-gib); the teacher runs at every step")
             return None
-    cache = FeatureCache(maps)
+    cache = FeatureCache(maps, sizes)
     if key[0] is not None:
         _caches[key] = cache
     return cache
@@ -325,81 +329,78 @@ def input_boxes(model, images, targets):
     return [t["boxes"] for t in resized]
 
 
-@torch.no_grad()
 def make_adapters(student, teachers, images, mechanism="l2", published=False, conv=False):
-    """One nn.ModuleDict of adapters per teacher, their kinds read off the features of one batch (conv:
-    a learned 1x1 conv even where the widths match); and, for a mechanism other than the L2, one
-    ModuleDict of its per-level modules per teacher (else None)."""
-    student.eval()
-    fs = fpn_features(student, images)
-    adapters, mechs = [], None if mechanism == "l2" else []
-    for t in teachers:
-        ft = fpn_features(t, images)
-        adapters.append(mtpd.build_adapters(fs, ft, conv))
-        if mechs is not None:  # per level, at the teacher's width (the adapter maps the student to it)
-            mechs.append(nn.ModuleDict({k: mechanisms.make(mechanism, ft[int(k)].shape[1], published)
-                                        for k in adapters[-1]}))
-    student.train()
-    return adapters, mechs
+    """One nn.ModuleDict of adapters per teacher (mtpd.make_adapters; conv: a learned 1x1 conv even where
+    the widths match); and, for a mechanism other than the L2, one ModuleDict of its per-level modules
+    per teacher, at the teacher's width (the adapter maps the student to it), else None."""
+    adapters = [mtpd.make_adapters(student, t, images, fpn_features, conv=conv) for t in teachers]
+    if mechanism == "l2":
+        return adapters, None
+    return adapters, [nn.ModuleDict({k: mechanisms.make(mechanism, a[k].channels, published) for k in a})
+                      for a in adapters]
 
 
-def train_step(step_module, opt, sched, params, images, targets, bf16=False):
-    """One optimisation step of a Distilled module (or its DDP wrapper). Returns the loss dict, still on
-    the device: reading a value is a host-device sync, so the caller does it only at log intervals."""
+def train_step(step_module, opt, sched, params, images, targets, bf16, clip):
+    """One optimisation step of a Distilled module (or its DDP wrapper), gradients clipped to the max-norm
+    `clip`. Returns the loss dict, still on the device: reading a value is a host-device sync, so the
+    caller does it only at log intervals."""
     with torch.autocast(images[0].device.type, torch.bfloat16, enabled=bf16):
         losses = step_module(images, targets)
     loss = sum(losses.values())
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 35.0)  # the official recipe's max-norm
+    torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
     sched.step()
     return losses
 
 
-def adamw(params, lr, fused=False):
-    """AdamW with weight decay 1e-4. fused: one kernel for all parameters (the fast path; on 2 CPU cores
-    the per-parameter loop of the default AdamW takes ~30% of a student step, bench.py P7). A device
+def adamw(params, lr, weight_decay, fused=False):
+    """AdamW. fused: one kernel for all parameters (the fast path) instead of a loop over them. A device
     without the fused kernel falls back to the loop, with one line."""
+    params = list(params)
     if fused:
         try:
-            return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, fused=True)
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
         except (RuntimeError, ValueError) as e:
             if is_main():
                 print(f"fused AdamW unavailable ({str(e).splitlines()[0][:100]}); using the plain one")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, desc="train", log=None,
-               fast=False, compile=False, state=None, every=0, resume=False, snapshots=None, mechanism="l2",
-               published=False, inherit_first=False, conv_adapter=False):
+def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc="train", log=None, state=None,
+               snapshots=None, mechanism="l2", inherit_first=False):
     """Train `model` for `steps` iterations with a fresh AdamW and LR schedule (a fresh optimiser per
     stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added, or,
-    with `mechanism` in mechanisms.NAMES other than 'l2', that mechanism's loss (fresh modules too, §3.4;
-    loss weights retuned for the built-in benchmark, or the authors' with published=True).
-    fast: the fast path (train.py's default, off with --fp32), on a CPU as on CUDA: bfloat16 autocast and
-    channels_last for student and teachers (the feature loss, the anchors and P6/P7 stay float32), fused
-    AdamW, and with the L2 each teacher's features cached for the whole training set (teacher_cache)
-    instead of a forward per step. compile: torch.compile of the backbones in place (state_dict keys do
-    not change; measured on 2 CPU cores: 100 s to compile and a slower step, so off by default).
-    state, every, resume: every `every` iterations the whole training state (weights, adapters,
-    optimiser, schedule, iteration, RNG) is written atomically to the file `state`; with resume=True a
-    state found there is continued, and on a CPU the result is identical to an uninterrupted run.
+    with `mechanism` in mechanisms.NAMES other than 'l2', that mechanism's loss (fresh modules too, §3.4).
+
+    recipe (train.RECIPE, with a run's own values): lr, weight_decay, warmup, drop_at, drop, clip (the
+    optimiser and schedule, see lr_at); lam (the feature loss's weight), adapter ('auto': identity where
+    the widths match, 'conv': a learned 1x1 conv always), published (the mechanisms' published loss
+    weights instead of ours); fast, compile, every, resume (how it runs):
+    - fast: the fast path (train.py's default, off with --fp32), on a CPU as on CUDA: bfloat16 autocast
+      and channels_last for student and teachers (the feature loss, the anchors and P6/P7 stay float32),
+      fused AdamW, and with the L2 each teacher's features cached for the whole training set
+      (teacher_cache) instead of a forward per step. compile: torch.compile of the backbones in place
+      (state_dict keys do not change; on 2 CPU cores it took 100 s to compile and stepped slower).
+    - every, resume: every `every` iterations the whole training state (weights, adapters, optimiser,
+      schedule, iteration, RNG) is written atomically to the file `state`; with resume a state found there
+      is continued, and on a CPU the result is identical to an uninterrupted run.
     snapshots: {iteration: file}: the student's state_dict after that many iterations (§3.5 compares a
     longer-trained student with the MTPD student at each stage boundary).
     inherit_first: before training, copy the first teacher's neck and head into the student where they
-    play the same role (models.inherit; the authors' code does it before stage 1). conv_adapter: learned
-    1x1 conv adapters even where the widths match.
+    play the same role (models.inherit; the authors' code does it before stage 1).
     Every 10 iterations `log` gets the detection terms and the feature loss per level (after lam).
     Returns {train_det_loss: the mean detection loss over the last 20% of steps (§3.5 compares it with
     validation AP), distill_ratio_start / distill_ratio_end: feature loss / detection loss at the first
     logged iteration and over the last 20% (with teachers)}."""
+    fast, lam, every, resume = recipe["fast"], recipe["lam"], recipe["every"], recipe["resume"]
     torch.manual_seed(seed + rank())  # augmentation differs per rank; the data order is shared
     loader.batch_sampler.seed, loader.batch_sampler.start = seed, 0
     fmt = torch.channels_last if fast else torch.preserve_format
     model.to(device, memory_format=fmt).train()
     teachers = [mtpd.freeze(t.to(device, memory_format=fmt)) for t in teachers]
-    if compile:
+    if recipe["compile"]:
         for m in [model] + teachers:
             m.backbone.compile(dynamic=True)
     adapters, mechs = [], None
@@ -410,7 +411,8 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
                 copied, of = inherit(model, teachers[0], first)
                 if is_main():
                     print(f"{desc}: inherited {copied} of the student's {of} neck/head tensors from the first teacher")
-            adapters, mechs = make_adapters(model, teachers, first, mechanism, published, conv_adapter)
+            adapters, mechs = make_adapters(model, teachers, first, mechanism, recipe["published"],
+                                            recipe["adapter"] == "conv")
         except ValueError as e:  # no common FPN stride, nothing to inherit
             fail(f"cannot distil {desc}: {e}")
     caches = None
@@ -420,8 +422,8 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
     step_module = Distilled(model, teachers, adapters, lam, mechs, fast, caches).to(device, memory_format=fmt)
     hook = step_module.hook
     params = [p for p in step_module.parameters() if p.requires_grad]
-    opt = adamw(params, lr, fused=fast)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps))
+    opt = adamw(params, recipe["lr"], recipe["weight_decay"], fused=fast)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, recipe))
     start, tail, ratios = 0, [], []
     if resume and state and os.path.isfile(state):
         ck = read(state)
@@ -444,7 +446,7 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-            losses = train_step(step_module, opt, sched, params, images, targets, fast)
+            losses = train_step(step_module, opt, sched, params, images, targets, fast, recipe["clip"])
             if step % 10 == 0 or step == steps - 1:  # read values (a host sync) only at log intervals
                 vals = {k: v.item() for k, v in losses.items()}
                 if not all(math.isfinite(v) for v in vals.values()):
@@ -484,6 +486,24 @@ def train_loop(model, loader, steps, lr, device, seed, teachers=(), lam=1.0, des
     return out
 
 
+def fit(model, spec, path, loader, val_loader, steps, device, seed, recipe, teachers=(), *, desc, log=None,
+        snapshots=None, mechanism="l2", inherit_first=False, extra=None):
+    """What every training command does with a model: train it (train_loop; its resume state lives next
+    to `path` until the end), evaluate it, save it to `path` with its metrics (and `extra`, e.g. the
+    recipe), drop the resume state, log. Returns the metrics."""
+    state = path[:-3] + ".state.pt"
+    out = {"train_det_loss": float("nan")}
+    if steps:
+        out = train_loop(model, loader, steps, device, seed, recipe, teachers, desc=desc, log=log, state=state,
+                         snapshots=snapshots, mechanism=mechanism, inherit_first=inherit_first)
+    metrics = {**evaluate(model, val_loader, device, bf16=recipe["fast"]), **out, **(extra or {})}
+    save_ckpt(path, model, spec, metrics)
+    discard(state)
+    if log:
+        log({"event": "eval", "model": desc, **metrics})
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: COCOeval on rank 0 over the detections of every rank.
 # ---------------------------------------------------------------------------------------------------------
@@ -519,6 +539,11 @@ def _evaluate(model, loader, device, progress, bf16):
 # ---------------------------------------------------------------------------------------------------------
 # Adaptation costs over checkpoints (§3.2).
 # ---------------------------------------------------------------------------------------------------------
+def float32(feats):
+    """Levels in float32 (the cost matrix's features), keeping the images' sizes."""
+    return mtpd.Levels({s: f.float() for s, f in feats.items()}, feats.sizes)
+
+
 def cost_matrix(models, dataset, n_images, device, batch=8):
     """d(a -> b) for every ordered pair of frozen `models` ({label: model}); the first half of the first
     `n_images` training images (in file order, no augmentation) fits the linear maps, the second half is
@@ -537,8 +562,7 @@ def cost_matrix(models, dataset, n_images, device, batch=8):
             for images, _ in tqdm(loader, desc="cost", leave=False, disable=not is_main()):
                 split = "fit" if seen < len(subset) // 2 else "held"
                 images = [im.to(device) for im in images]
-                yield split, {k: {s: f.float() for s, f in fpn_features(m, images).items()}
-                              for k, m in models.items()}
+                yield split, {k: float32(fpn_features(m, images)) for k, m in models.items()}
                 seen += len(images)
 
     return from_main(mtpd.adaptation_costs(batches()))

@@ -101,7 +101,10 @@ class Float32P6P7(LastLevelP6P7):
     Same parameters and state_dict keys."""
 
     def forward(self, p, c, names):
-        with torch.autocast(p[-1].device.type, enabled=False):
+        device = p[-1].device.type
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return super().forward(p, c, names)
+        with torch.autocast(device, enabled=False):
             return super().forward(p[:-1] + [p[-1].float()], c[:-1] + [c[-1].float()], names)
 
 
@@ -211,7 +214,7 @@ def fpn_features(model, images):
     """
     batch, _ = model.transform(images)
     x = batch.tensors
-    return stride_keyed(x.shape[-2:], model.backbone(x))
+    return stride_keyed(x.shape[-2:], model.backbone(x), batch.image_sizes)
 
 
 FPN_BLOCK = re.compile(r"backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(.*)")

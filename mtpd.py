@@ -9,7 +9,37 @@
     6. the schedule      one stage per teacher, fresh adapter and optimiser per stage     (§3.2)
 
 It imports torch only: copy this file next to your own detector. Anything detector-specific (how to run a
-teacher's backbone on a batch, how to train one stage) is passed in as a function.
+model's backbone on a batch, how to train one stage) is passed in as a function. With any torchvision
+detector (test_mtpd.py runs this example, so it stays true):
+
+    import torch, mtpd
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    def features(model, images):  # FPN outputs {stride: [N, C, h, w]} and the images' sizes; no heads run
+        batch, _ = model.transform(images)
+        return mtpd.stride_keyed(batch.tensors.shape[-2:], model.backbone(batch.tensors), batch.image_sizes)
+
+    kw = dict(weights=None, weights_backbone=None, num_classes=3, max_size=128)
+    student = retinanet_resnet50_fpn(min_size=64, **kw)  # a low-resolution student: upsampling adapters
+    models = {"student": student, **{t: mtpd.freeze(retinanet_resnet50_fpn(min_size=128, **kw)) for t in "AB"}}
+    images = [torch.rand(3, 128, 128) for _ in range(4)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 70.0, 90.0]]), "labels": torch.tensor([1])}] * 4
+    with torch.no_grad():  # 4-5: costs on held-out images (first pair fits, second scores), then BGS
+        student.eval()
+        cost = mtpd.adaptation_costs((split, {k: features(m, images[i:i + 2]) for k, m in models.items()})
+                                     for split, i in (("fit", 0), ("held", 2)))
+    order = mtpd.backward_greedy_selection(cost, "student", {"A": 30.0, "B": 35.0}, k=2)  # teachers' AP
+    feats, hook = mtpd.capture_features(student.backbone, student.transform)  # 1: its own forward fills feats
+    for name in order:  # 6: one stage per teacher, with fresh adapters and a fresh optimiser
+        adapters = mtpd.make_adapters(student, models[name], images, features)  # 2
+        opt = torch.optim.AdamW([*student.parameters(), *adapters.parameters()], lr=1e-4)
+        for step in range(2):  # 3: the detection losses plus lam * the feature loss
+            losses = mtpd.distill_losses(student.train(), images, targets, feats, [models[name]], [adapters],
+                                         features, lam=1.0)
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+    hook.remove()  # the student is a plain detector again; the adapters are dropped
 """
 import math
 
@@ -21,33 +51,65 @@ from torch import nn
 # ---------------------------------------------------------------------------------------------------------
 # 1. Feature capture (§3.1): distillation acts on the neck outputs F, level by level.
 # ---------------------------------------------------------------------------------------------------------
-def stride_keyed(input_hw, feats):
+class Levels(dict):
+    """{stride: [N, C, h, w]}, plus `sizes`: each image's (h, w) in the model's input frame before the batch
+    was padded (torchvision's ImageList.image_sizes), or None when unknown. The sizes let a level be
+    aligned with another model's by the images' real extent, not by the padded maps (see align)."""
+
+    def __init__(self, levels=(), sizes=None):
+        super().__init__(levels)
+        self.sizes = None if sizes is None else [tuple(int(v) for v in hw) for hw in sizes]
+
+
+def stride_keyed(input_hw, feats, sizes=None):
     """Key a neck's levels by stride, so that levels of different detectors pair up correctly
     (RetinaNet: P3-P7 = strides 8..128; Mask R-CNN: P2-P6 = 4..64; pairing by list index would be wrong).
 
     input_hw: (H, W) of the padded input batch. feats: dict/list of [N, C, h, w], finest level first.
-    Returns {stride: [N, C, h, w]}. The finest level's stride is H/h rounded to a power of two; each next
-    level doubles it (FPN extra levels are stride-2 convs or pools: at tiny inputs P6 and P7 are both
+    sizes: each image's (h, w) before padding (ImageList.image_sizes), kept for alignment.
+    Returns Levels {stride: [N, C, h, w]}. The finest level's stride is H/h rounded to a power of two; each
+    next level doubles it (FPN extra levels are stride-2 convs or pools: at tiny inputs P6 and P7 are both
     1x1, so their strides cannot be read from the sizes).
     """
     levels = list(feats.values() if isinstance(feats, dict) else feats)
     first = 2 ** round(math.log2(input_hw[0] / levels[0].shape[-2]))
-    return {first * 2 ** i: f for i, f in enumerate(levels)}
+    return Levels({first * 2 ** i: f for i, f in enumerate(levels)}, sizes)
 
 
-def capture_features(backbone):
-    """Hook `backbone` so each forward also leaves its outputs, keyed by stride, in the returned dict.
+def capture_features(backbone, transform=None):
+    """Hook `backbone` so each forward also leaves its outputs, keyed by stride, in the returned Levels;
+    with the detector's `transform` (torchvision's GeneralizedRCNNTransform) hooked too, the images'
+    sizes before padding come along (store.sizes).
 
     The student's features come from its own training forward (the one that computes the detection
-    losses): distillation costs no second student pass. Returns (store, hook handle).
+    losses): distillation costs no second student pass. Returns (store, hook handle); handle.remove()
+    removes every hook.
     """
-    store = {}
+    store, sizes = Levels(), [None]
+
+    def on_transform(module, inputs, output):
+        sizes[0] = output[0].image_sizes
 
     def hook(module, inputs, output):
         store.clear()
         store.update(stride_keyed(inputs[0].shape[-2:], output))
+        store.sizes = None if sizes[0] is None else [tuple(int(v) for v in hw) for hw in sizes[0]]
 
-    return store, backbone.register_forward_hook(hook)
+    handles = [backbone.register_forward_hook(hook)]
+    if transform is not None:
+        handles.append(transform.register_forward_hook(on_transform))
+    return store, _Handles(handles)
+
+
+class _Handles:
+    """Several hook handles behind one remove()."""
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,21 +123,54 @@ def adapter_kind(student_shape, teacher_shape):
             (True, True): "conv+upsample"}[(conv, resize)]
 
 
+def content_cells(sizes, stride, hw):
+    """Per image, the (rows, cols) of a level of stride `stride` and map size hw that cover its content:
+    ceil(h / stride), ceil(w / stride), at most the map's. sizes: [(h, w)] before padding."""
+    return [(min(math.ceil(h / stride), hw[0]), min(math.ceil(w / stride), hw[1])) for h, w in sizes]
+
+
+def align(x, size, stride, student_sizes=None, teacher_sizes=None):
+    """A student level x [N, C, h, w] resized onto a teacher level of `size` (H, W), image by image by
+    the images' real extent: the cells covering each image's content in the student's frame go onto the
+    cells covering it in the teacher's. Padding is not content: a batch is padded to its largest image
+    (and to a multiple of 32), so two models at different input scales pad differently, and resizing
+    the whole padded maps would stretch one image's content onto another's padding (a 640x480 image:
+    student at 0.5x padded 416x544, teacher at 1x 800x1088: ~4 P3 cells off at the bottom).
+    Returns (y [N, C, H, W], mask [N, 1, H, W] of the teacher's content cells, or None when every image
+    fills both maps or the sizes are unknown: then the whole map is resized, as for square images)."""
+    full = tuple(x.shape[-2:]), tuple(size)
+    if student_sizes is None or teacher_sizes is None:
+        return _resize(x, size), None
+    src, dst = content_cells(student_sizes, stride, full[0]), content_cells(teacher_sizes, stride, full[1])
+    if all(a == full[0] for a in src) and all(b == full[1] for b in dst):
+        return _resize(x, size), None
+    ys, masks = [], []
+    for i, ((hs, ws), (ht, wt)) in enumerate(zip(src, dst)):
+        y = _resize(x[i:i + 1, :, :hs, :ws], (ht, wt))
+        ys.append(F.pad(y, (0, size[1] - wt, 0, size[0] - ht)))  # zeros on the teacher's padding
+        masks.append(F.pad(x.new_ones(1, 1, ht, wt), (0, size[1] - wt, 0, size[0] - ht)))
+    return torch.cat(ys), torch.cat(masks)
+
+
+def _resize(x, size):
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 class Adapter(nn.Module):
     """phi for one level: a 1x1 conv when the channels differ (or with conv=True), then bilinear resizing to
-    the teacher's size when the resolutions differ (e.g. a low-resolution student). x [N, Cs, h, w] ->
-    [N, Ct, H, W]."""
+    the teacher's size when the resolutions differ (e.g. a low-resolution student), by the images' real
+    extent when their sizes are given (align). x [N, Cs, h, w] -> [N, Ct, H, W]."""
 
     def __init__(self, student_channels, teacher_channels, conv=False):
         super().__init__()
+        self.channels = teacher_channels  # what it outputs
         self.proj = (nn.Conv2d(student_channels, teacher_channels, 1)
                      if conv or student_channels != teacher_channels else nn.Identity())
 
-    def forward(self, x, size):
-        x = self.proj(x)
-        if x.shape[-2:] != tuple(size):
-            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-        return x
+    def forward(self, x, size, stride=None, student_sizes=None, teacher_sizes=None):
+        return align(self.proj(x), size, stride, student_sizes, teacher_sizes)[0]
 
 
 def common_strides(student_feats, teacher_feats):
@@ -87,17 +182,31 @@ def common_strides(student_feats, teacher_feats):
     return strides
 
 
-def build_adapters(student_feats, teacher_feats, conv=False):
+def build_adapters(student_feats, teacher_feats, *, conv=False):
     """One fresh Adapter per common stride, from one batch of features. Returns nn.ModuleDict {str(stride)}.
     conv=True: a learned 1x1 conv even where the channel counts match (the paper's identity otherwise)."""
     return nn.ModuleDict({str(s): Adapter(student_feats[s].shape[1], teacher_feats[s].shape[1], conv)
                           for s in common_strides(student_feats, teacher_feats)})
 
 
+@torch.no_grad()
+def make_adapters(student, teacher, images, features, *, conv=False):
+    """The adapters of one stage: build_adapters from one batch through both models. features(model,
+    images) -> {stride: [N, C, h, w]} runs a model's backbone and neck. The student runs in eval mode here,
+    so that this forward leaves its BatchNorm statistics alone, and returns to the mode it was in. The
+    adapters are trained with the student: put their parameters into the stage's optimiser."""
+    mode = student.training
+    student.eval()
+    try:
+        return build_adapters(features(student, images), features(teacher, images), conv=conv)
+    finally:
+        student.train(mode)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Feature loss (§3.1): L2 between F_T and phi(F_S) over the common strides.
 # ---------------------------------------------------------------------------------------------------------
-def feature_loss(student_feats, teacher_feats, adapters, mechanisms=None, boxes=None, levels=None, eps=1e-6):
+def feature_loss(student_feats, teacher_feats, adapters, *, mechanisms=None, boxes=None, levels=None, eps=1e-6):
     """sum_levels ||F_T - phi(F_S)||^2 / sum_levels (numel * Var(F_T)): the fraction of the teacher's total
     feature variance (over all common levels) that the student misses. 0 when F_S == F_T.
 
@@ -105,7 +214,8 @@ def feature_loss(student_feats, teacher_feats, adapters, mechanisms=None, boxes=
     the adaptation cost do: P3 (most pixels) dominates, and a 1-cell P7 counts for 1/341 of a 5-level
     RetinaNet pyramid, not 1/5. Dividing by the teacher's variance (a constant) only scales the loss, so
     that lambda ~ 1 means the same across detectors: raw FPN MSEs are often hundreds of times the
-    detection loss.
+    detection loss. When both feature dicts carry the images' sizes (Levels.sizes), each image is aligned
+    by its real extent and the teacher's padding is left out of the error and of the variance (align).
 
     mechanisms: another loss per level in place of the L2 (§3.4: MTPD wraps CWD, FGD, MGD, PKD), an
     nn.ModuleDict keyed like `adapters` of modules m(phi(F_S), F_T, boxes, stride) -> scalar; their sum
@@ -115,17 +225,27 @@ def feature_loss(student_feats, teacher_feats, adapters, mechanisms=None, boxes=
     are read by the caller only when it logs), keyed by stride; the shares sum to the loss.
     """
     errors, scales = [], []
+    ssz, tsz = getattr(student_feats, "sizes", None), getattr(teacher_feats, "sizes", None)
     for key, adapter in adapters.items():
         s = int(key)
         # float32 even under bf16 autocast: a squared difference divided by a variance needs the mantissa
         ft = teacher_feats[s].detach().float()  # [N, Ct, H, W]
-        fs = adapter(student_feats[s], ft.shape[-2:]).float()  # [N, Ct, H, W]
+        fs, mask = align(adapter.proj(student_feats[s]), ft.shape[-2:], s, ssz, tsz)  # [N, Ct, H, W]
+        fs = fs.float()
+        if mask is not None:  # the teacher's padding is not compared: there fs takes F_T's values
+            mask = mask.float()
+            fs = fs + ft * (1 - mask)
         if mechanisms is not None:
             errors.append(mechanisms[key](fs, ft, boxes, s))
             scales.append(None)
         else:
             errors.append((fs - ft).pow(2).sum())  # this level's squared error, summed over pixels
-            scales.append(ft.numel() * ft.var())  # and the teacher's total variance there
+            if mask is None:
+                scales.append(ft.numel() * ft.var())  # and the teacher's total variance there
+            else:  # over the content cells only
+                n = mask.sum() * ft.shape[1]
+                mean = (ft * mask).sum() / n
+                scales.append(n * ((ft - mean).pow(2) * mask).sum() / (n - 1).clamp(min=1))
     if mechanisms is None:
         total_var = torch.stack(scales).sum() + eps
         errors = [e / total_var for e in errors]
@@ -135,7 +255,7 @@ def feature_loss(student_feats, teacher_feats, adapters, mechanisms=None, boxes=
     return torch.stack(errors).sum()
 
 
-def distill_losses(student, images, targets, student_feats, teachers, adapters, teacher_features, lam=1.0,
+def distill_losses(student, images, targets, student_feats, teachers, adapters, teacher_features, *, lam=1.0,
                    mechanisms=None, teacher_boxes=None, levels=None):
     """One training forward of §3.1: L = L_detect + lam * sum over teachers of the feature loss.
 
@@ -156,7 +276,7 @@ def distill_losses(student, images, targets, student_feats, teachers, adapters, 
                 ft = teacher_features(teacher, images)
                 boxes = teacher_boxes(teacher, images, targets) if teacher_boxes else None
             mech = mechanisms[i] if mechanisms is not None else None
-            total = total + feature_loss(student_feats, ft, adapter, mech, boxes, levels)
+            total = total + feature_loss(student_feats, ft, adapter, mechanisms=mech, boxes=boxes, levels=levels)
         losses["distill"] = lam * total
     return losses
 
@@ -185,30 +305,44 @@ def accumulate_moments(moments, split, feats):
     (h, w) and laid side by side with a column of ones: Z = [X_1 | ... | X_M | 1]  [N*h*w, sum C + 1].
     Its one Gram matrix Z'Z [sum C + 1, sum C + 1] holds X'X, X'Y and the sums of Y for every pair whose
     target has that size: one matrix product per level instead of one per pair. Stays on the features'
-    device, in float64. moments[(split, s, (h, w), native)] = {"names", "channels", "native", "zz"}.
+    device, in float64. moments[(split, s, native)] = {"names", "channels", "native", "zz"}, summed over
+    batches and sizes. When the features carry the images' sizes (Levels.sizes) and a model's images leave
+    padding, each image's content is cropped and compared on its own: padding is not a feature.
     """
     for s in sorted({s for f in feats.values() for s in f}):
         names = [k for k in feats if s in feats[k]]
-        for size in dict.fromkeys(tuple(feats[k][s].shape[-2:]) for k in names):
-            if len(names) < 2:
-                continue
-            cols = [feats[k][s] if tuple(feats[k][s].shape[-2:]) == size else
-                    F.interpolate(feats[k][s].float(), size=size, mode="bilinear", align_corners=False)
-                    for k in names]
-            z = torch.cat([_rows(c) for c in cols], 1)  # [P, sum C]
-            z = torch.cat([z, torch.ones_like(z[:, :1])], 1)  # [P, sum C + 1]: the bias column last
-            native = tuple(tuple(feats[k][s].shape[-2:]) == size for k in names)  # which are targets here
-            m = moments.setdefault((split, s, size, native), {
-                "names": names, "channels": [c.shape[1] for c in cols], "native": native, "zz": 0.0})
-            m["zz"] = m["zz"] + z.T @ z
+        if len(names) < 2:
+            continue
+        for part in _content(feats, names, s):  # the whole batch, or image by image (padding left out)
+            for size in dict.fromkeys(tuple(f.shape[-2:]) for f in part):
+                cols = [_resize(f.float(), size) for f in part]
+                z = torch.cat([_rows(c) for c in cols], 1)  # [P, sum C]
+                z = torch.cat([z, torch.ones_like(z[:, :1])], 1)  # [P, sum C + 1]: the bias column last
+                native = tuple(tuple(f.shape[-2:]) == size for f in part)  # which are targets here
+                m = moments.setdefault((split, s, native), {
+                    "names": names, "channels": [c.shape[1] for c in cols], "native": native, "zz": 0.0})
+                m["zz"] = m["zz"] + z.T @ z
     return moments
+
+
+def _content(feats, names, s):
+    """The maps of level s of `names`, as one batch when no model's images leave padding at that level
+    (or the sizes are unknown); else, image by image, each model's map cropped to the image's content."""
+    maps = [feats[k][s] for k in names]
+    sizes = [getattr(feats[k], "sizes", None) for k in names]
+    if any(z is None for z in sizes):
+        return [maps]
+    cells = [content_cells(z, s, f.shape[-2:]) for z, f in zip(sizes, maps)]
+    if all(c == tuple(f.shape[-2:]) for cs, f in zip(cells, maps) for c in cs):
+        return [maps]
+    return [[f[i:i + 1, :, :cs[i][0], :cs[i][1]] for f, cs in zip(maps, cells)] for i in range(len(maps[0]))]
 
 
 def _pair_stats(moments):
     """Per (split, a, b, stride): [X'X, X'Y, sum Y, sum Y^2, rows] read off the Gram blocks, summed over
     sizes (batches of different image sizes give levels of different sizes)."""
     stats = {}
-    for (split, s, _, _), m in moments.items():
+    for (split, s, _), m in moments.items():
         zz, last = m["zz"], m["zz"].shape[0] - 1
         ends = torch.tensor(m["channels"]).cumsum(0).tolist()
         cols = {k: slice(e - c, e) for k, c, e in zip(m["names"], m["channels"], ends)}
@@ -226,7 +360,7 @@ def _pair_stats(moments):
     return stats
 
 
-def costs_from_moments(moments, ridge=1e-2):
+def costs_from_moments(moments, *, ridge=1e-2):
     """Solve each pair's ridge least squares on 'fit', evaluate it exactly on 'held'.
 
     W = (X'X + r I)^-1 X'Y  with r = ridge * mean(diag X'X) (bias not penalised);
@@ -254,13 +388,13 @@ def costs_from_moments(moments, ridge=1e-2):
     return {a: {b: e / max(t, 1e-12) for b, (e, t) in row.items()} for a, row in sums.items()}
 
 
-def adaptation_costs(batches, ridge=1e-2):
+def adaptation_costs(batches, *, ridge=1e-2):
     """The whole cost matrix from one pass: batches yields (split, {model: {stride: features}}).
     Each model runs once per batch, so N models cost N forward passes over the data (no SGD)."""
     moments = {}
     for split, feats in batches:
         accumulate_moments(moments, split, feats)
-    return costs_from_moments(moments, ridge)
+    return costs_from_moments(moments, ridge=ridge)
 
 
 # ---------------------------------------------------------------------------------------------------------

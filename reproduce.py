@@ -23,22 +23,21 @@ import report
 from engine import build, load, make_spec, save, save_ckpt, save_json, teacher_order
 
 
-def reproduce(p, preset, out, root, make_loaders, device, seeds, opts, mechanism=("l2",), all_orders=False,
-              published=False):
+def reproduce(p, preset, out, root, make_loaders, device, seeds, recipe, mechanism=("l2",), all_orders=False):
     """The embedded reproduction for one or several seeds (what `python train.py` runs).
 
     p: a preset of train.PRESETS; out: the run folder; root: the COCO-format data; make_loaders(batch,
     masks, seed) -> (train, val) loaders; seeds: one run of every row per seed. The teacher pool is trained
     once, with the first seed, and shared (the paper's teachers are fixed too). One seed writes everything
     to out/; several write each seed's run to out/seed<s>/ and the mean and spread to out/results.json and
-    out/report.md. Returns the results.
+    out/report.md. recipe: train.RECIPE with the run's values (engine.train_loop). Returns the results.
     """
     if len(seeds) == 1:
-        return one_seed(p, preset, out, out, root, make_loaders, device, seeds[0], seeds[0], opts, mechanism,
-                        all_orders, published)
+        return one_seed(p, preset, out, out, root, make_loaders, device, seeds[0], seeds[0], recipe, mechanism,
+                        all_orders)
     t0 = time.time()
     per = {s: one_seed(p, preset, os.path.join(out, f"seed{s}"), out, root, make_loaders, device, s, seeds[0],
-                       opts, mechanism, all_orders, published) for s in seeds}
+                       recipe, mechanism, all_orders) for s in seeds}
     results = report.aggregate(preset, per)
     results["wall_minutes"] = round((time.time() - t0) / 60, 2)
     save_json(os.path.join(out, "results.json"), results)
@@ -49,8 +48,8 @@ def reproduce(p, preset, out, root, make_loaders, device, seeds, opts, mechanism
     return results
 
 
-def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_seed, opts, mechanism=("l2",),
-             all_orders=False, published=False):
+def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_seed, recipe, mechanism=("l2",),
+             all_orders=False):
     """The reproduction for one seed, top to bottom. out: this seed's folder; pool_out: the folder whose
     ckpt/ holds the teacher pool (trained with pool_seed when missing). Every model is cached, so a second
     call reuses what is done. Returns the results (also out/results.json and out/report.md)."""
@@ -58,54 +57,47 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     log = engine.jsonl(os.path.join(out, "log.jsonl"))
     train_loader, val_loader = make_loaders(p["batch"], False, seed)
     cats = train_loader.dataset.category_ids
-    inherit, conv = p.get("inherit", False), p.get("adapter", "auto") == "conv"
+    inherit, published = p.get("inherit", False), recipe["published"]
 
     def evaluate(model):  # the fast path evaluates under bf16 autocast
-        return engine.evaluate(model, val_loader, device, bf16=opts.get("fast", False))
+        return engine.evaluate(model, val_loader, device, bf16=recipe["fast"])
 
     def ckpt(label, folder=out):
         return os.path.join(folder, "ckpt", f"{label}.pt")
 
-    def ready(label, model_args, steps, init=None, teachers=(), fixed_seed=None, snapshots=None, mechanism="l2",
+    def ready(label, m, steps, init=None, teachers=(), fixed_seed=None, snapshots=None, mechanism="l2",
               folder=out, base_seed=seed, inherit_first=False):
         """Train (or reuse) one model and evaluate it; both are cached in folder/ckpt.
-        model_args = (label, name, scale, build kwargs); init: start from that checkpoint's weights;
-        snapshots: {iteration: file} of intermediate weights to keep; inherit_first: copy the first
-        teacher's neck and head into the student before training (models.inherit)."""
-        _, name, scale, kw = model_args
+        m: a preset's model (train.model: label, name, scale, build kwargs); init: start from that
+        checkpoint's weights; snapshots: {iteration: file} of intermediate weights to keep; inherit_first:
+        copy the first teacher's neck and head into the student before training (models.inherit)."""
         run_seed = base_seed + sum(map(ord, label)) if fixed_seed is None else fixed_seed  # one per model
-        recipe = {"steps": steps, "seed": run_seed, "init": init and os.path.basename(init), "lr": p["lr"],
-                  "teachers": [os.path.basename(t) for t in teachers], "mechanism": mechanism}
+        made = {"steps": steps, "seed": run_seed, "init": init and os.path.basename(init), "lr": recipe["lr"],
+                "teachers": [os.path.basename(t) for t in teachers], "mechanism": mechanism}
         if teachers:
-            recipe.update(lam=p["lam"], inherit=inherit_first, adapter="conv" if conv else "auto")
-        if opts.get("fast"):  # fused AdamW, bf16 teachers and evaluation: another (equally valid) result
-            recipe["fast"] = True
+            made.update(lam=recipe["lam"], inherit=inherit_first, adapter=recipe["adapter"])
+        if recipe["fast"]:  # bf16, fused AdamW, cached features: another (equally valid) result
+            made["fast"] = True
         if os.path.isfile(ckpt(label, folder)):  # reuse: only its metrics are needed here
             metrics = engine.read(ckpt(label, folder))["metrics"]
-            if metrics.get("recipe", recipe) != recipe:
+            if metrics.get("recipe", made) != made:
                 engine.fail(f"{ckpt(label, folder)} was trained with another recipe ({metrics['recipe']}, now "
-                            f"{recipe}): choose another --out, or delete it to retrain it")
+                            f"{made}): choose another --out, or delete it to retrain it")
             return metrics
-        spec = make_spec(label, name, scale, p["size"], cats, **kw)
+        spec = make_spec(label, m["name"], m["scale"], p["size"], cats, **m["build"])
         model = build(spec, run_seed) if init is None else load(init, device)[0]
-        state = os.path.join(folder, "ckpt", f"{label}.state.pt")  # resume point, until the stage is done
-        loader = make_loaders(p["batch"], True, seed)[0] if name.startswith("maskrcnn") else train_loader
-        fit = engine.train_loop(model, loader, steps, p["lr"], device, run_seed,
-                                [load(t, device)[0] for t in teachers], p["lam"], desc=label, log=log,
-                                state=state, snapshots=snapshots, mechanism=mechanism, published=published,
-                                inherit_first=inherit_first and bool(teachers), conv_adapter=conv, **opts)
-        metrics = {**evaluate(model), **fit, "recipe": recipe}
-        save_ckpt(ckpt(label, folder), model, spec, metrics)
-        engine.discard(state)
-        log({"event": "eval", "model": label, **metrics})
+        loader = make_loaders(p["batch"], True, seed)[0] if m["name"].startswith("maskrcnn") else train_loader
+        metrics = engine.fit(model, spec, ckpt(label, folder), loader, val_loader, steps, device, run_seed, recipe,
+                             [load(t, device)[0] for t in teachers], desc=label, log=log, snapshots=snapshots,
+                             mechanism=mechanism, inherit_first=inherit_first and bool(teachers),
+                             extra={"recipe": made})
         print(f"{label:16s} AP {100 * metrics['AP']:5.1f}   ({(time.time() - t0) / 60:.1f} min)")
         return metrics
 
     # 1. the off-the-shelf student and the teacher pool, trained from scratch (the pool once for all seeds)
     s, S, k = p["student"], p["stage_steps"], p["k"]
     ots = ready("ots", s, p["student_steps"])
-    pool = {lab: ready(lab, (lab, name, sc, kw), steps, folder=pool_out, base_seed=pool_seed)
-            for lab, name, sc, kw, steps in p["pool"]}
+    pool = {m["label"]: ready(m["label"], m, m["steps"], folder=pool_out, base_seed=pool_seed) for m in p["pool"]}
     # the student trained longer without a teacher (one schedule as long as k stages: the paper's 3x when a
     # stage is as long as the OTS schedule); it keeps its weights at each stage boundary for §3.5. Every
     # baseline sees the same batch order (one data seed).
@@ -160,7 +152,7 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     save_json(os.path.join(out, "student_spec.json"), spec)
     results = {"preset": preset, "seed": seed, "cost": cost, "order": order, "teachers": pool,
                "dropped": dropped, "stages": stages, "runs": runs, "budget_steps": budget,
-               "recipe": {"lam": p["lam"], "inherit": inherit, "adapter": p.get("adapter", "auto"), "k": k,
+               "recipe": {"lam": recipe["lam"], "inherit": inherit, "adapter": recipe["adapter"], "k": k,
                           "stage_steps": S, "student_steps": p["student_steps"]}}
     # 4. Fig. 4 (opt-in): another mechanism in place of the L2, direct vs MTPD, with the L2 rows' seeds
     mechs = {"l2": {"direct": runs["direct"], "mtpd": runs["mtpd"]}}
@@ -195,9 +187,9 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
         evaluate, batches, device=device, **p["landscape"])
     # 6. Table 2 (opt-in: n! orders)
     if all_orders:
-        results["all_orders"] = every_order(ckpt("ots"), {t: teacher[t] for t in order}, order, S, p["lr"],
-                                            p["lam"], os.path.join(out, "orders"), train_loader, val_loader, log,
-                                            device, seed, dict(opts, inherit_first=inherit, conv_adapter=conv))
+        results["all_orders"] = every_order(ckpt("ots"), {t: teacher[t] for t in order}, order, S,
+                                            os.path.join(out, "orders"), train_loader, val_loader, log, device,
+                                            seed, recipe, inherit)
     results["wall_minutes"] = round((time.time() - t0) / 60, 2)
     save_json(os.path.join(out, "results.json"), results)
     log({"event": "done", "wall_minutes": results["wall_minutes"]})
@@ -208,13 +200,14 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     return results
 
 
-def every_order(student, teachers, bgs, steps, lr, lam, out, train_loader, val_loader, log, device, seed, opts):
+def every_order(student, teachers, bgs, steps, out, train_loader, val_loader, log, device, seed, recipe,
+                inherit=False):
     """Table 2: distil `student` (a checkpoint) through every order of `teachers` ({label: checkpoint}),
     `steps` iterations per stage. A prefix's student is cached in out/<t1+t2...>.pt, so orders sharing a
     prefix share its stages and an interrupted run continues. Every order uses the same seed per stage
-    index, so orders differ only by their teachers. Returns {teachers, stage_steps, rows, bgs, bgs_rank}."""
-    check_setup(out, student, teachers, steps, lr, lam, seed, opts.get("inherit_first", False),
-                opts.get("conv_adapter", False))
+    index, so orders differ only by their teachers; inherit: the first stage inherits (models.inherit).
+    Returns {teachers, stage_steps, rows, bgs, bgs_rank}."""
+    check_setup(out, student, teachers, steps, recipe["lr"], recipe["lam"], seed, inherit, recipe["adapter"] == "conv")
 
     def run_prefix(prefix):
         path = os.path.join(out, "+".join(prefix) + ".pt")
@@ -222,13 +215,9 @@ def every_order(student, teachers, bgs, steps, lr, lam, out, train_loader, val_l
             return engine.read(path)["metrics"]
         model, spec, _ = load(os.path.join(out, "+".join(prefix[:-1]) + ".pt") if len(prefix) > 1 else student)
         desc = " -> ".join(prefix)
-        first = dict(opts, inherit_first=opts.get("inherit_first", False) and len(prefix) == 1)
-        fit = engine.train_loop(model, train_loader, steps, lr, device, seed + len(prefix),
-                                [load(teachers[prefix[-1]], device)[0]], lam, desc=desc, log=log,
-                                state=path[:-3] + ".state.pt", **first)
-        metrics = {**engine.evaluate(model, val_loader, device, bf16=opts.get("fast", False)), **fit}
-        save_ckpt(path, model, spec, metrics)
-        engine.discard(path[:-3] + ".state.pt")
+        metrics = engine.fit(model, spec, path, train_loader, val_loader, steps, device, seed + len(prefix), recipe,
+                             [load(teachers[prefix[-1]], device)[0]], desc=desc, log=log,
+                             inherit_first=inherit and len(prefix) == 1)
         print(f"{desc:40s} AP {100 * metrics['AP']:5.1f}")
         return metrics
 

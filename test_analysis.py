@@ -119,6 +119,7 @@ def test_report_with_matplotlib_draws_the_figures(tmp_path):
     assert report.bgs_path(["t1", "t2"], "ots") == [("ots", "t1"), ("t1", "t2")]
 
 
+@pytest.mark.slow
 def test_order_all_distils_every_order_and_marks_bgs(zoo, tmp_path):
     base, root = zoo
     out = tmp_path / "orders"

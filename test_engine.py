@@ -28,7 +28,7 @@ def test_fast_path_bf16_channels_last_trains(shapes):
     torch.manual_seed(0)
     model, teacher = tiny_detector(size=64), tiny_detector("retinanet_r34", size=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    engine.train_loop(model, loader, 2, 1e-3, torch.device("cpu"), 0, [teacher], fast=True)
+    engine.train_loop(model, loader, 2, torch.device("cpu"), 0, dict(train.RECIPE, lr=1e-3), [teacher])
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.isfinite(v.float()).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -92,6 +92,7 @@ def test_cached_teacher_features_give_the_uncached_loss(shapes):
     assert losses["cache"] == pytest.approx(losses["forward"], rel=1e-3) and losses["forward"] > 0
 
 
+@pytest.mark.slow
 def test_fast_path_is_deterministic_fused_and_saves_plain_float32(zoo, tmp_path):
     """The fast path (the default) vs --fp32 through `distill`: each is deterministic for a seed, they
     train to different but close weights, and the exported student is a contiguous float32 state_dict."""
@@ -117,7 +118,7 @@ def test_fused_adamw_matches_the_plain_one():
     torch.manual_seed(0)
     a = torch.nn.Linear(6, 3)
     b, start = copy.deepcopy(a), a.weight.detach().clone()
-    oa, ob = engine.adamw(a.parameters(), 1e-2), engine.adamw(b.parameters(), 1e-2, fused=True)
+    oa, ob = engine.adamw(a.parameters(), 1e-2, 1e-4), engine.adamw(b.parameters(), 1e-2, 1e-4, fused=True)
     assert ob.defaults["fused"] and not oa.defaults.get("fused")
     x = torch.randn(16, 6)
     for _ in range(5):
@@ -130,6 +131,7 @@ def test_fused_adamw_matches_the_plain_one():
     assert not torch.allclose(b.weight, start, atol=1e-3)  # they did move
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_two_processes_train_and_evaluate(tmp_path):
     """2 ranks (gloo, CPU) through one distillation stage: it trains, only rank 0 writes, and the AP it
     gathers from both ranks' shards equals a single-process evaluation of the saved weights (5 val
@@ -142,7 +144,8 @@ def test_torchrun_ddp_two_processes_train_and_evaluate(tmp_path):
         torch.manual_seed(0)
         model = engine.build(spec)
         if label == "s":  # a student that already detects something, so that the AP comparison means something
-            engine.train_loop(model, engine.loaders(root, 4, 0, masks=False)[0], 40, 2e-3, torch.device("cpu"), 0)
+            engine.train_loop(model, engine.loaders(root, 4, 0, masks=False)[0], 40, torch.device("cpu"), 0,
+                              dict(train.RECIPE, lr=2e-3, fast=False))
         engine.save_ckpt(str(tmp_path / f"{label}.pt"), model, spec, {"AP": 0.5})
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -165,6 +168,7 @@ def test_torchrun_ddp_two_processes_train_and_evaluate(tmp_path):
     assert 0 <= stages[0]["AP"] <= 1 and single["AR100"] > 0
     assert all(stages[0][k] == pytest.approx(single[k], abs=1e-9) for k in data.SUMMARY_KEYS)
 
+@pytest.mark.slow
 def test_killed_distillation_resumes_to_identical_weights(zoo, tmp_path):
     base, root = zoo
     args = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt", "--keep-order",
@@ -213,7 +217,8 @@ def test_nonfinite_loss_stops_naming_the_terms_and_keeps_the_checkpoint(zoo, tmp
     state = tmp_path / "state.pt"
     state.write_bytes(b"the last good state")
     with pytest.raises(engine.InputError, match="non-finite loss at iteration 0.*classification.*bbox_regression"):
-        engine.train_loop(model, loader, 4, 1e-3, torch.device("cpu"), 0, state=str(state), every=1)
+        engine.train_loop(model, loader, 4, torch.device("cpu"), 0, dict(train.RECIPE, lr=1e-3, every=1),
+                          state=str(state))
     assert state.read_bytes() == b"the last good state"
 
 
@@ -244,6 +249,7 @@ def _coco_copy(root, dst, edit):
     return str(dst)
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_in_one_line_with_exit_2_and_write_nothing(zoo, tmp_path, capsys, monkeypatch):
     base, root = zoo
     out = tmp_path / "out"
@@ -319,9 +325,10 @@ def test_no_common_stride_is_a_clear_error(zoo, monkeypatch):
 
     monkeypatch.setattr(engine, "fpn_features", features)
     with pytest.raises(engine.InputError, match="no common FPN stride"):
-        engine.train_loop(student, loader, 2, 1e-3, torch.device("cpu"), 0, [teacher])
+        engine.train_loop(student, loader, 2, torch.device("cpu"), 0, dict(train.RECIPE, lr=1e-3), [teacher])
 
 
+@pytest.mark.slow
 def test_cpu_training_is_deterministic_across_processes(zoo, tmp_path):
     """Two fresh processes, same seed: identical weights (torch's default generator starts from a random
     state in each process, so every model's initialisation must be seeded)."""
@@ -337,6 +344,7 @@ def test_cpu_training_is_deterministic_across_processes(zoo, tmp_path):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
+@pytest.mark.slow
 def test_distill_inherit_copies_the_first_teachers_neck_and_head_once(zoo, tmp_path, capsys):
     base, root = zoo
     args = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt", "--keep-order",
@@ -359,4 +367,5 @@ def test_inherit_with_nothing_in_common_is_a_clear_error(zoo):
     student, spec, _ = engine.load(str(base / "s.pt"))
     teacher = engine.build(dict(spec, name="maskrcnn_r18", fpn_channels=32))
     with pytest.raises(engine.InputError, match="nothing to inherit"):
-        engine.train_loop(student, loader, 1, 1e-3, torch.device("cpu"), 0, [teacher], inherit_first=True)
+        engine.train_loop(student, loader, 1, torch.device("cpu"), 0, dict(train.RECIPE, lr=1e-3), [teacher],
+                          inherit_first=True)

@@ -273,6 +273,7 @@ def test_distilled_step_trains_student_adapters_and_mechanism_not_teacher(name):
     assert engine.make_adapters(student, [teacher], images, "l2")[1] is None  # the L2 needs no modules
 
 
+@pytest.mark.slow
 def test_distill_cli_mixes_mechanisms_per_stage_and_exports_a_plain_student(zoo, tmp_path):
     import json
     from conftest import run_cli

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import data
@@ -17,6 +18,92 @@ from models import build_detector, fpn_features
 # ---------------------------------------------------------------------------------------------------------
 # §3.1: feature capture, adapters, feature loss
 # ---------------------------------------------------------------------------------------------------------
+def test_the_usage_example_at_the_top_of_mtpd_runs_and_distils():
+    """The example in mtpd's docstring, executed as written: BGS orders the two teachers, each stage trains
+    the student (its weights move) through upsampling adapters (a 0.5x student), and the hook is gone."""
+    import textwrap
+    code = textwrap.dedent(mtpd.__doc__.split("stays true):\n", 1)[1])
+    torch.manual_seed(0)
+    scope = {}
+    exec(compile(code, "mtpd.__doc__", "exec"), scope)
+    student, order, cost, adapters = scope["student"], scope["order"], scope["cost"], scope["adapters"]
+    assert order and set(order) <= {"A", "B"} and order[-1] == "B"  # the best teacher (35 AP) comes last
+    assert set(cost) == {"student", "A", "B"} and all(0 <= cost[a][b] for a in cost for b in cost[a])
+    assert sorted(adapters) == ["128", "16", "32", "64", "8"]
+    assert isinstance(adapters["8"].proj, nn.Identity)  # same widths: identity, then upsampling
+    assert not student.backbone._forward_hooks
+    fresh = torchvision_retinanet_state(scope)
+    assert any(not torch.equal(fresh[k], v) for k, v in student.state_dict().items() if v.is_floating_point())
+
+
+def torchvision_retinanet_state(scope):
+    """The student's weights before training: the same constructor under the example's first seed."""
+    torch.manual_seed(0)
+    return scope["retinanet_resnet50_fpn"](min_size=64, **scope["kw"]).state_dict()
+
+
+def _stripes(h=480, w=640):
+    """A 640x480 test image with horizontal structure, so that a vertical misalignment shows."""
+    y = torch.arange(h).float()[:, None].expand(h, w)
+    x = torch.arange(w).float()[None, :].expand(h, w)
+    return torch.stack([(torch.sin(y / 9) + 1) / 2, (torch.sin(y / 23 + x / 50) + 1) / 2, (y / h) * (x / w)])
+
+
+def test_alignment_by_real_extent_on_a_non_square_image():
+    """640x480 through a detector's transform at 0.5x (400x533, padded to 416x544) and at 1x (800x1066,
+    padded to 800x1088): resizing the padded student map onto the teacher's stretches the content ~4 P3
+    cells vertically; aligning by image_sizes puts each image's content cells onto the teacher's. The
+    "model" is the transform followed by average pooling at each stride, so that its features are its
+    input's content (a random network's features are dominated by the tensor's borders): the same model
+    at two scales, aligned, correlates better with itself than the padded resize does (measured: 0.997 vs
+    0.747 at P3, 0.962 vs 0.775 at P4)."""
+    torch.manual_seed(0)
+    kw = dict(min_size=800, max_size=1333, fpn_channels=16, head_convs=1)
+    lo, hi = (build_detector("retinanet_r18", 3, scale=sc, **kw) for sc in (0.5, 1.0))
+
+    def features(model):
+        batch, _ = model.transform([_stripes()])
+        x = batch.tensors
+        return mtpd.stride_keyed(x.shape[-2:], [F.avg_pool2d(x, s, ceil_mode=True) for s in (8, 16)],
+                                 batch.image_sizes)
+
+    fs, ft = features(lo.eval()), features(hi.eval())
+    assert fs.sizes == [(400, 533)] and ft.sizes == [(800, 1066)]
+    assert tuple(fs[8].shape[-2:]) == (52, 68) and tuple(ft[8].shape[-2:]) == (100, 136)
+    assert mtpd.content_cells(fs.sizes, 8, (52, 68)) == [(50, 67)]
+    assert mtpd.content_cells(ft.sizes, 8, (100, 136)) == [(100, 134)]
+
+    def corr(a, b, mask):
+        keep = mask.expand_as(a).bool()
+        a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    for s in (8, 16):
+        aligned, mask = mtpd.align(fs[s], ft[s].shape[-2:], s, fs.sizes, ft.sizes)
+        padded, _ = mtpd.align(fs[s], ft[s].shape[-2:], s)  # before: the whole padded map resized
+        assert mask is not None and mask[0, 0, :, -1].sum() == 0  # the teacher's padded columns
+        assert corr(aligned, ft[s], mask) > 0.95 and corr(aligned, ft[s], mask) > corr(padded, ft[s], mask) + 0.1
+
+
+def test_padding_is_left_out_of_the_loss_and_the_costs():
+    """With the images' sizes known, whatever a teacher's map holds on its padding changes neither the
+    L2 feature loss nor the adaptation costs; without sizes it does (the old behaviour)."""
+    torch.manual_seed(0)
+    fs = mtpd.Levels({8: torch.randn(2, 4, 6, 6)}, sizes=[(48, 48), (40, 32)])  # image 2 leaves padding
+    ft = mtpd.Levels({8: torch.randn(2, 4, 6, 6)}, sizes=[(48, 48), (40, 32)])
+    other = mtpd.Levels({8: ft[8].clone()}, ft.sizes)
+    other[8][1, :, 5:, :] = 100.0  # rows 5.. and columns 4.. of image 2 are padding
+    other[8][1, :, :, 4:] = -100.0
+    ad = mtpd.build_adapters(fs, ft, conv=True)
+    assert mtpd.feature_loss(fs, ft, ad).item() == pytest.approx(mtpd.feature_loss(fs, other, ad).item(), rel=1e-6)
+    plain = lambda f: dict(f)  # no sizes
+    assert mtpd.feature_loss(plain(fs), plain(other), ad).item() != pytest.approx(
+        mtpd.feature_loss(plain(fs), plain(ft), ad).item(), rel=1e-3)
+    c1 = mtpd.adaptation_costs([("fit", {"s": fs, "t": ft}), ("held", {"s": fs, "t": ft})])
+    c2 = mtpd.adaptation_costs([("fit", {"s": fs, "t": other}), ("held", {"s": fs, "t": other})])
+    assert c1["s"]["t"] == pytest.approx(c2["s"]["t"], rel=1e-9)
+
+
 def test_adapter_kind_from_shapes():
     assert mtpd.adapter_kind((256, 16, 16), (256, 16, 16)) == "identity"
     assert mtpd.adapter_kind((128, 16, 16), (256, 16, 16)) == "conv"
@@ -340,6 +427,7 @@ def test_unknown_model_lists_known_ones():
 # ---------------------------------------------------------------------------------------------------------
 # Pipelines
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_loop_changes_weights_and_is_deterministic(shapes):
     root, _ = shapes
     results = []
@@ -349,17 +437,18 @@ def test_train_loop_changes_weights_and_is_deterministic(shapes):
         model = tiny_detector()
         before = {k: v.clone() for k, v in model.state_dict().items()}
         teacher = tiny_detector("retinanet_r34")
-        engine.train_loop(model, loader, 3, 1e-3, torch.device("cpu"), seed=5, teachers=[teacher])
+        engine.train_loop(model, loader, 3, torch.device("cpu"), 5, dict(train.RECIPE, lr=1e-3), [teacher])
         results.append(model.state_dict())
     assert any(not torch.equal(before[k], results[0][k]) for k in before)
     assert all(torch.equal(results[0][k], results[1][k]) for k in before)
 
+@pytest.mark.slow
 def test_reproduce_tiny_end_to_end(tmp_path):
     out = tmp_path / "run"
     r = run_cli("--preset", "tiny", "--out", str(out), cwd=str(tmp_path))  # bare flags are reproduce's
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(out / "results.json"))
-    names = ["ots"] + [lab for lab, *_ in train.PRESETS["tiny"]["pool"]]
+    names = ["ots"] + [m["label"] for m in train.PRESETS["tiny"]["pool"]]
     assert sorted(res["cost"]) == sorted(names)
     assert all(res["cost"][a][b] >= 0 for a in names for b in names if a != b)
     assert res["order"] and set(res["order"]) <= set(names[1:])
@@ -426,13 +515,14 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     assert "## Mechanisms" in open(out / "report.md").read()
 
 
+@pytest.mark.slow
 def test_reproduce_several_seeds_share_the_pool_and_give_mean_and_spread(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the built-in data is written under the working directory
     out = tmp_path / "run"
     train.main(["--preset", "tiny", "--out", str(out), "--seeds", "0", "1"])  # no subcommand: reproduce
     res = json.load(open(out / "results.json"))
     assert res["seeds"] == [0, 1] and sorted(res["per_seed"]) == ["0", "1"]
-    pool = [lab for lab, *_ in train.PRESETS["tiny"]["pool"]]
+    pool = [m["label"] for m in train.PRESETS["tiny"]["pool"]]
     assert sorted(os.listdir(out / "ckpt")) == sorted(f"{lab}.pt" for lab in pool)  # trained once, shared
     for s in ("0", "1"):
         assert json.load(open(out / f"seed{s}" / "results.json"))["runs"] == res["per_seed"][s]["runs"]
@@ -447,6 +537,7 @@ def test_reproduce_several_seeds_share_the_pool_and_give_mean_and_spread(tmp_pat
     assert "## Mean ± std over seeds" in text and "## Gaps" in text
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     r = run_cli("train", "--model", "retinanet_vgg", "--out", str(tmp_path / "o"), cwd=str(tmp_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "retinanet_r18" in r.stderr

@@ -378,6 +378,7 @@ def test_missing_weights_without_network_say_where_to_put_them(monkeypatch, tmp_
     assert not os.path.exists(path)
 
 
+@pytest.mark.slow
 def test_train_cli_loads_weights_files_and_reports_mismatches(shapes, tmp_path):
     """`train --weights FILE --epochs 0` imports weights into an mtpd checkpoint (the COCO recipe's first
     step); other classes keep everything but the class layers; a file of another model is one line, exit 2."""

@@ -28,37 +28,51 @@ from models import ZOO
 from report import table
 
 # ---------------------------------------------------------------------------------------------------------
-# Presets for `reproduce`. A pool entry is (label, model name, input scale, extra build kwargs).
-# Measured on 2 CPU cores (RESULTS.md): tiny under a minute; default see RESULTS.md.
+# The training recipe of every run, and the presets of `reproduce`.
 # ---------------------------------------------------------------------------------------------------------
+# Every stage gets a fresh AdamW and LR schedule (§3.2): linear warm-up, constant, x `drop` from `drop_at`
+# of the iterations on (from scratch, decaying early hurts), gradients clipped at the official recipe's
+# max-norm. lam: the feature loss's weight; adapter: 'auto' (identity where the widths match, §3.1) or
+# 'conv'; published: the mechanisms' published loss weights. fast, compile, every, resume: how it runs
+# (engine.train_loop); the command line sets them, and --lr, --lam, --adapter override the rest.
+RECIPE = dict(lr=3e-4, weight_decay=1e-4, warmup=50, drop_at=0.85, drop=0.1, clip=35.0,
+              lam=1.0, adapter="auto", published=False,
+              fast=True, compile=False, every=100, resume=False)
+
+
+def model(label, name, scale, steps=None, **build):
+    """A model of a preset: its label, zoo name, input scale, training iterations (pool), build kwargs."""
+    return dict(label=label, name=name, scale=scale, steps=steps, build=build)
+
+
 SMALL = dict(fpn_channels=128, head_convs=2)  # a light RetinaNet: at 128 px its head dominates the step
-PRESETS = {
+PRESETS = {  # measured on 2 CPU cores (RESULTS.md): tiny about a minute
     "tiny": dict(n_train=48, n_val=24, size=64, batch=8, lr=1e-3, lam=1.0, k=2, cost_images=16, inherit=True,
-                 student=("student", "retinanet_r18", 0.5, SMALL), student_steps=30, stage_steps=12,
+                 student=model("student", "retinanet_r18", 0.5, **SMALL), student_steps=30, stage_steps=12,
                  probe=(1, 8), landscape=dict(points=5, dirs_1d=1, points_2d=3),
-                 pool=[("r18@1x", "retinanet_r18", 1.0, SMALL, 30),
-                       ("r34@1x", "retinanet_r34", 1.0, SMALL, 30)]),
+                 pool=[model("r18@1x", "retinanet_r18", 1.0, 30, **SMALL),
+                       model("r34@1x", "retinanet_r34", 1.0, 30, **SMALL)]),
     # The paper's protocol (Table 3) scaled to 2 CPU cores: k = 2 stages, the rows at the same budget, a
     # teacher must beat the longer-trained student by `margin` AP, the first teacher's neck and head are
     # inherited (the authors' code), the L2 pooled over levels by pixels. Sized from measurements (RESULTS.md):
     # a stage is half the OTS schedule, since each OTS-length stage would take the run past 30 minutes.
     "default": dict(n_train=800, n_val=200, size=128, batch=8, lr=3e-4, lam=1.0, k=2, cost_images=64,
                     inherit=True, adapter="auto", margin=0.03,
-                    student=("student", "retinanet_r18", 0.5, SMALL), student_steps=800, stage_steps=400,
+                    student=model("student", "retinanet_r18", 0.5, **SMALL), student_steps=800, stage_steps=400,
                     probe=(4, 8), landscape=dict(points=11, dirs_1d=3, points_2d=7),
-                    pool=[("r18@1x", "retinanet_r18", 1.0, SMALL, 1000),
-                          ("r50@1x", "retinanet_r50", 1.0, dict(SMALL, zero_init_residual=True), 600),
-                          ("mrcnn_r18@1x", "maskrcnn_r18", 1.0, dict(fpn_channels=128), 200)]),
+                    pool=[model("r18@1x", "retinanet_r18", 1.0, 1000, **SMALL),
+                          model("r50@1x", "retinanet_r50", 1.0, 600, **SMALL, zero_init_residual=True),
+                          model("mrcnn_r18@1x", "maskrcnn_r18", 1.0, 200, fpn_channels=128)]),
     # Needs a GPU: a Swin teacher, which a CPU cannot train well in minutes (measured: 4.9 AP after
     # 300 steps, 5 min, on the default data), and full-width heads.
     "gpu": dict(n_train=8000, n_val=500, size=256, batch=16, lr=3e-4, lam=1.0, k=2, cost_images=256, inherit=True,
                 margin=0.03,
-                student=("student", "retinanet_r18", 0.5, {}), student_steps=10000, stage_steps=5000,
+                student=model("student", "retinanet_r18", 0.5), student_steps=10000, stage_steps=5000,
                 probe=(8, 16), landscape=dict(points=21, dirs_1d=3, points_2d=11),
-                pool=[("r18@1x", "retinanet_r18", 1.0, {}, 10000),
-                      ("r50@1x", "retinanet_r50", 1.0, dict(zero_init_residual=True), 15000),
-                      ("maskrcnn_r50@1x", "maskrcnn_r50", 1.0, dict(zero_init_residual=True), 15000),
-                      ("swin_t@1x", "retinanet_swin_t", 1.0, {}, 20000)]),
+                pool=[model("r18@1x", "retinanet_r18", 1.0, 10000),
+                      model("r50@1x", "retinanet_r50", 1.0, 15000, zero_init_residual=True),
+                      model("maskrcnn_r50@1x", "maskrcnn_r50", 1.0, 15000, zero_init_residual=True),
+                      model("swin_t@1x", "retinanet_swin_t", 1.0, 20000)]),
 }
 
 
@@ -84,11 +98,12 @@ def dataset_root(args, split="train"):
     return root
 
 
-def train_opts(args):
-    """The fast path (engine.train_loop's `fast`: bf16 autocast, channels_last, fused AdamW, cached teacher
-    features; off with --fp32), and the resume state written every --ckpt-every iterations (--resume)."""
+def recipe(args, **run):
+    """RECIPE with this command's flags: the fast path unless --fp32 (engine.train_loop), --compile, the
+    resume state every --ckpt-every iterations (continued with --resume), and `run` (lr, lam, ...)."""
     engine.CACHE_GIB = args.cache_gib
-    return dict(fast=not args.fp32, compile=args.compile, every=args.ckpt_every, resume=args.resume)
+    return dict(RECIPE, fast=not args.fp32, compile=args.compile, every=getattr(args, "ckpt_every", 0),
+                resume=getattr(args, "resume", False), **run)
 
 
 def evaluate(model, loader, args):
@@ -114,11 +129,15 @@ def cmd_reproduce(args):
     root = dataset_root(args)
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         fail(f"--seeds must be different from each other, got {args.seeds}")
-    p = dict(p, **{k: v for k, v in (("lam", args.lam), ("inherit", args.inherit),
-                                    ("adapter", None if args.adapter == "auto" else args.adapter)) if v is not None})
+    p = dict(p, **{k: v for k, v in (("lam", args.lam), ("inherit", args.inherit), ("adapter", args.adapter),
+                                     ("stage_steps", args.stage_steps)) if v is not None})
+    if p["stage_steps"] < 1:
+        fail(f"--stage-steps must be at least 1, got {p['stage_steps']}")
     return reproduce.reproduce(p, args.preset, out, root, lambda b, masks, seed: loaders(args, root, b, seed, masks),
-                               args.dev, args.seeds or [args.seed], train_opts(args), args.mechanism,
-                               args.all_orders, args.published_weights)
+                               args.dev, args.seeds or [args.seed],
+                               recipe(args, lr=p["lr"], lam=p["lam"], adapter=p.get("adapter", "auto"),
+                                      published=args.published_weights),
+                               args.mechanism, args.all_orders)
 
 
 def cmd_train(args):
@@ -128,7 +147,7 @@ def cmd_train(args):
     root = dataset_root(args)
     check_writable(args.out)
     train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=args.model.startswith("maskrcnn"))
-    final, state = os.path.join(args.out, "model.pt"), os.path.join(args.out, "state.pt")
+    final = os.path.join(args.out, "model.pt")
     if args.resume and os.path.isfile(final):
         print(f"{final} is complete; nothing to resume")
         return print(table({args.model: engine.read(final)["metrics"]}))
@@ -146,12 +165,8 @@ def cmd_train(args):
             print(models.load_backbone_weights(model, args.weights_backbone))
     except ValueError as e:
         fail(str(e))
-    steps = args.epochs * len(train_loader)
-    fit = engine.train_loop(model, train_loader, steps, args.lr, device, args.seed, desc=args.model, state=state,
-                            **train_opts(args)) if steps else {"train_det_loss": float("nan")}
-    metrics = {**evaluate(model, val_loader, args), **fit}
-    save_ckpt(final, model, spec, metrics)
-    engine.discard(state)
+    metrics = engine.fit(model, spec, final, train_loader, val_loader, args.epochs * len(train_loader), device,
+                         args.seed, recipe(args, lr=args.lr), desc=args.model)
     print(table({args.model: metrics}))
 
 
@@ -246,9 +261,9 @@ def cmd_order_all(args):
     ap = {spec["label"]: met["AP"] if met.get("AP") is not None else evaluate(m, val_loader, args)["AP"]
           for m, spec, met in loaded.values()}
     bgs = teacher_order(cost, sspec["label"], ap, len(teachers))
-    res = reproduce.every_order(args.ckpt_student, teachers, bgs, args.steps, args.lr, args.lam, args.out, train_loader,
-                                val_loader, engine.jsonl(os.path.join(args.out, "log.jsonl")), args.dev, args.seed,
-                                train_opts(args))
+    res = reproduce.every_order(args.ckpt_student, teachers, bgs, args.steps, args.out, train_loader, val_loader,
+                                engine.jsonl(os.path.join(args.out, "log.jsonl")), args.dev, args.seed,
+                                recipe(args, lr=args.lr, lam=args.lam))
     save_json(os.path.join(args.out, "all_orders.json"), res)
     for i, r in enumerate(res["rows"]):
         mark = "   <- BGS" if r["order"] == bgs else ""
@@ -289,28 +304,26 @@ def cmd_distill(args):
     if len(args.mechanism) not in (1, len(order)):
         fail(f"--mechanism takes one mechanism, or one per stage ({len(order)}), not {len(args.mechanism)}")
     mech = args.mechanism * len(order) if len(args.mechanism) == 1 else args.mechanism
-    recipe = {"mechanisms": mech, "published": args.published_weights, "lam": args.lam, "inherit": args.inherit,
+    chosen = {"mechanisms": mech, "published": args.published_weights, "lam": args.lam, "inherit": args.inherit,
               "adapter": args.adapter, "steps": args.steps}
-    if any(saved.get(k, v) != v for k, v in recipe.items()):
+    if any(saved.get(k, v) != v for k, v in chosen.items()):
         fail(f"{args.out} was started with other --mechanism / --published-weights / --lam / --inherit / --adapter "
              "/ --steps: resume with the same")
     print(f"order: {' -> '.join(f'{t} ({m})' for t, m in zip(order, mech))}")
-    save_json(order_path, {"student": sspec["label"], "order": order, **recipe})
+    save_json(order_path, {"student": sspec["label"], "order": order, **chosen})
+
+    stage_recipe = recipe(args, lr=args.lr, lam=args.lam, adapter=args.adapter, published=args.published_weights)
 
     def run_stage(model, stage_teachers, i):
-        done, state = os.path.join(args.out, f"stage{i + 1}.pt"), os.path.join(args.out, f"stage{i + 1}.state.pt")
+        done = os.path.join(args.out, f"stage{i + 1}.pt")
         if args.resume and os.path.isfile(done):  # finished before the interruption
             ck = engine.read(done)
             model.load_state_dict(ck["model"])
             print(f"stage {i + 1} ({order[i]}): done earlier, AP {100 * ck['metrics']['AP']:.1f}")
             return ck["metrics"]
-        fit = engine.train_loop(model, train_loader, args.steps, args.lr, device, args.seed + i, stage_teachers,
-                                args.lam, desc=f"stage {i + 1}", log=log, state=state, mechanism=mech[i],
-                                published=args.published_weights, inherit_first=args.inherit and i == 0,
-                                conv_adapter=args.adapter == "conv", **train_opts(args))
-        metrics = {**evaluate(model, val_loader, args), **fit}
-        save_ckpt(done, model, sspec, metrics)
-        engine.discard(state)
+        metrics = engine.fit(model, sspec, done, train_loader, val_loader, args.steps, device, args.seed + i,
+                             stage_recipe, stage_teachers, desc=f"stage {i + 1}", log=log, mechanism=mech[i],
+                             inherit_first=args.inherit and i == 0)
         log({"event": "stage", "stage": i + 1, "teacher": order[i], **metrics})
         print(f"stage {i + 1} ({order[i]}): AP {100 * metrics['AP']:.1f}")
         return metrics
@@ -324,32 +337,40 @@ def get_args_parser():
     ap = argparse.ArgumentParser(description="Multi-Teacher Progressive Distillation for torchvision detectors")
     sub = ap.add_subparsers(dest="cmd")
 
-    def common(p, data_arg=True):
-        if data_arg:
-            p.add_argument("--data", help="COCO-format root (default: the built-in shapes benchmark)")
-        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
-        p.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are deterministic)")
-        p.add_argument("--batch", type=int, default=8, help="images per batch (per process under torchrun)")
-        p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
-        p.add_argument("--fp32", action="store_true",
-                       help="the plain path: float32, NCHW, per-parameter AdamW, a teacher forward at every step")
-        p.add_argument("--cache-gib", type=float, default=2.0,
-                       help="memory for cached teacher features (fast path; default 2 GiB)")
-        p.add_argument("--compile", action="store_true", help="torch.compile the backbones (CUDA; slow start)")
+    def parent():
+        return argparse.ArgumentParser(add_help=False)
 
-    def distill_opts(p, inherit=False):
+    run = parent()  # every command
+    run.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    run.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are deterministic)")
+    run.add_argument("--batch", type=int, default=8, help="images per batch (per process under torchrun)")
+    run.add_argument("--workers", type=int, default=-1, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
+    run.add_argument("--fp32", action="store_true",
+                     help="the plain path: float32, NCHW, per-parameter AdamW, a teacher forward at every step")
+    run.add_argument("--cache-gib", type=float, default=2.0,
+                     help="memory for cached teacher features (fast path; default 2 GiB)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the backbones (slow start)")
+    data_arg = parent()
+    data_arg.add_argument("--data", help="COCO-format root (default: the built-in shapes benchmark)")
+    training = parent()  # the commands that train
+    training.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
+    training.add_argument("--ckpt-every", type=int, default=RECIPE["every"],
+                          help="write the resume state every N iterations")
+    lr = parent()
+    lr.add_argument("--lr", type=float, default=RECIPE["lr"], help="AdamW learning rate")
+    distilling = parent()  # the commands that distil a given student
+    distilling.add_argument("--steps", type=int, default=300, help="iterations per stage")
+    distilling.add_argument("--lam", type=float, default=RECIPE["lam"], help="weight of the feature loss")
+    distilling.add_argument("--images", type=int, default=64, help="training images for the adaptation costs")
+
+    def inherit_adapter(p, inherit=False):
         p.add_argument("--inherit", action=argparse.BooleanOptionalAction, default=inherit,
                        help="before stage 1, copy the first teacher's neck and head into the student (authors' "
                             "code); --no-inherit starts from the student's own")
-        p.add_argument("--adapter", default="auto", choices=["auto", "conv"],
+        p.add_argument("--adapter", choices=["auto", "conv"], default=None if inherit is None else RECIPE["adapter"],
                        help="auto: identity where the widths match (§3.1); conv: always a learned 1x1 conv")
 
-    def resumable(p):
-        p.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
-        p.add_argument("--ckpt-every", type=int, default=100, help="write the resume state every N iterations")
-
-    p = sub.add_parser("train", help="train one detector from scratch")
-    common(p)
+    p = sub.add_parser("train", parents=[run, data_arg, training, lr], help="train one detector from scratch")
     p.add_argument("--model", required=True, help=f"one of: {', '.join(ZOO)}")
     p.add_argument("--label", help="the model's name in costs and orders (default: --model)")
     p.add_argument("--scale", type=float, default=1.0, help="input resolution factor (0.25..1)")
@@ -359,50 +380,36 @@ def get_args_parser():
     p.add_argument("--weights", help="torchvision weights name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1) or file")
     p.add_argument("--weights-backbone", help="ImageNet weights name (e.g. ResNet50_Weights.IMAGENET1K_V1) or file")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split (0: load and evaluate)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--out", required=True, help="output folder (model.pt)")
-    resumable(p)
-    p = sub.add_parser("eval", help="COCOeval summaries, detection files and latency of a checkpoint")
-    common(p)
+    p = sub.add_parser("eval", parents=[run, data_arg], help="COCOeval summaries, detection files and latency")
     p.add_argument("--ckpt", required=True, help="checkpoint file")
     p.add_argument("--out", help="folder for detections_bbox.json (and _segm.json), COCO results format")
-    p = sub.add_parser("cost", help="adaptation-cost matrix between checkpoints (§3.2)")
-    common(p)
+    p = sub.add_parser("cost", parents=[run, data_arg], help="adaptation-cost matrix between checkpoints (§3.2)")
     p.add_argument("--ckpts", nargs="+", required=True, help="two or more checkpoints")
     p.add_argument("--images", type=int, default=64, help="training images used (half fit, half held out)")
     p.add_argument("--out", required=True, help="output JSON file")
-    p = sub.add_parser("order", help="teacher order by Backward Greedy Selection (Alg. 1), or every order")
-    common(p)
+    p = sub.add_parser("order", parents=[run, data_arg, training, lr, distilling],
+                       help="teacher order by Backward Greedy Selection (Alg. 1), or with --all every order")
     p.add_argument("--cost", help="cost JSON written by `cost`")
     p.add_argument("--student", help="the student's name in the cost file")
     p.add_argument("--k", type=int, default=3, help="at most this many teachers")
     p.add_argument("--all", action="store_true", help="distil through every order of --teachers (Table 2)")
     p.add_argument("--ckpt-student", help="with --all: the student checkpoint")
     p.add_argument("--teachers", nargs="+", help="with --all: 2-4 teacher checkpoints")
-    p.add_argument("--steps", type=int, default=300, help="with --all: iterations per stage")
-    p.add_argument("--lr", type=float, default=3e-4, help="with --all: AdamW learning rate")
-    p.add_argument("--lam", type=float, default=1.0, help="with --all: weight of the feature loss")
-    p.add_argument("--images", type=int, default=64, help="with --all: images for the adaptation costs")
     p.add_argument("--out", default="runs/orders", help="with --all: output folder")
-    resumable(p)
-    p = sub.add_parser("distill", help="progressive distillation of a student from teacher checkpoints")
-    common(p)
+    p = sub.add_parser("distill", parents=[run, data_arg, training, lr, distilling],
+                       help="progressive distillation of a student from teacher checkpoints")
     p.add_argument("--student", required=True, help="student checkpoint (the off-the-shelf student)")
     p.add_argument("--teachers", nargs="+", required=True, help="teacher checkpoints")
     p.add_argument("--k", type=int, default=3, help="at most this many teachers")
     p.add_argument("--keep-order", action="store_true", help="use the teachers in the given order, no BGS")
-    p.add_argument("--steps", type=int, default=300, help="iterations per stage")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    p.add_argument("--lam", type=float, default=1.0, help="weight of the feature loss")
-    p.add_argument("--images", type=int, default=64, help="images for the adaptation costs")
     p.add_argument("--mechanism", nargs="+", default=["l2"], choices=mechanisms.NAMES,
                    help="the feature loss of every stage, or one per stage, e.g. cwd cwd pkd (§3.4)")
     p.add_argument("--published-weights", action="store_true", help="the mechanisms' published loss weights")
-    distill_opts(p)
+    inherit_adapter(p)
     p.add_argument("--out", required=True, help="output folder")
-    resumable(p)
-    p = sub.add_parser("reproduce", help="the whole method and its baselines on the built-in benchmark")
-    common(p, data_arg=False)
+    p = sub.add_parser("reproduce", parents=[run, training],
+                       help="the whole method and its baselines on the built-in benchmark")
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="size of the run")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
     p.add_argument("--all-orders", action="store_true", help="also distil through every order of BGS's teachers")
@@ -412,8 +419,9 @@ def get_args_parser():
     p.add_argument("--seeds", type=int, nargs="+", help="run every row for each seed (the pool is trained once); "
                    "results.json and report.md give the mean and spread")
     p.add_argument("--lam", type=float, help="weight of the feature loss (default: the preset's)")
-    distill_opts(p, inherit=None)  # None: the preset's
-    resumable(p)
+    p.add_argument("--stage-steps", type=int, help="iterations per stage; every row trains k times as many "
+                   "(default: the preset's; the paper's protocol: the OTS student's, --stage-steps 800)")
+    inherit_adapter(p, inherit=None)  # None: the preset's
     return ap
 
 
