@@ -195,7 +195,8 @@ def load(path, device="cpu"):
     except Exception as e:  # weights that do not match the spec
         fail(f"checkpoint {path} does not match its spec {ck['spec'].get('name')}: "
              f"{' '.join(str(e).split())[:200]}")
-    model.source = (os.path.abspath(path), os.stat(path).st_mtime_ns)  # identifies it to teacher_cache
+    st = os.stat(path)
+    model.source = (os.path.abspath(path), st.st_mtime_ns, st.st_size)  # identifies it to teacher_cache
     return model.to(device), ck["spec"], ck.get("metrics", {})
 
 
@@ -264,13 +265,14 @@ class Distilled(nn.Module):
 # stage and row that uses it: computed once, in one pass over the training set, they replace the
 # teacher's forward (about as long as the student's whole training step for an R50 teacher).
 # ---------------------------------------------------------------------------------------------------------
-CACHE_GIB = 2.0  # all caches together; train.py's --cache-gib sets it
-_caches = {}  # (checkpoint, strides, device, bf16) -> FeatureCache, reused across stages and rows
+CACHE_GIB = 2.0  # per teacher; train.py's --cache-gib sets it
+_caches = {}  # (checkpoint, dataset, strides, device, bf16) -> FeatureCache, reused across stages and rows
 
 
 class FeatureCache:
     """{(image_id, flipped): {stride: [C, h, w] float16}}; lookup stacks a batch's maps as float32.
-    float16 holds a bfloat16 value exactly (8 significant bits of 11), and a float32 one to ~5e-4."""
+    float16 holds a bfloat16 value exactly within its range (8 significant bits of 11; a map with a value
+    beyond float16's range is kept in float32), and a float32 one (P6/P7) to ~5e-4."""
 
     def __init__(self, maps, sizes):
         self.maps, self.sizes = maps, sizes  # sizes: (image_id, flipped) -> (h, w) in the teacher's frame
@@ -285,14 +287,21 @@ class FeatureCache:
                                 for s in self.maps[keys[0]]}, [self.sizes[k] for k in keys])
 
 
+def _half(x):
+    """x in float16, or in float32 where float16 cannot hold it."""
+    h = x.to(torch.float16)
+    return h if torch.isfinite(h).all() else x.float()
+
+
 @torch.no_grad()
 def teacher_cache(teacher, dataset, strides, device, bf16, batch=8, desc="cache"):
     """The FeatureCache of `teacher` on every training image, unflipped and flipped, at `strides` (the
     levels the loss uses), computed as in training (same resizing and padding, bf16 autocast if `bf16`);
-    or None, with one line saying why, when it cannot stand in for the forward exactly: images of
-    different sizes (a batch's padding then depends on its other images) or more memory than CACHE_GIB
-    leaves. A teacher loaded from a checkpoint (engine.load) is cached once per process."""
-    key = (getattr(teacher, "source", None), tuple(strides), str(device), bf16)
+    or None, with one line saying why, when it cannot stand in for the forward: images of different
+    sizes (a batch's padding then depends on its other images) or more than CACHE_GIB for this teacher.
+    A teacher loaded from a checkpoint (engine.load) is cached once per process and dataset."""
+    where = (getattr(dataset, "root", None), getattr(dataset, "split", None), len(dataset))
+    key = (getattr(teacher, "source", None), where, tuple(strides), str(device), bf16)
     if key[0] is not None and key in _caches:
         return _caches[key]
     if not hasattr(dataset, "one_size") or dataset.one_size() is None:
@@ -301,14 +310,14 @@ def teacher_cache(teacher, dataset, strides, device, bf16, batch=8, desc="cache"
                   "padded to its largest image, so a teacher's map depends on the batch)")
         return None
     items = [(i, flip) for i in range(len(dataset)) for flip in (False, True)]
-    maps, sizes, limit = {}, {}, CACHE_GIB * 2 ** 30 - sum(c.nbytes() for c in _caches.values())
+    maps, sizes, limit = {}, {}, CACHE_GIB * 2 ** 30
     for j in tqdm(range(0, len(items), batch), desc=desc, leave=False, disable=not is_main()):
         pairs = [dataset.load(i, flip) for i, flip in items[j:j + batch]]
         images = [im.to(device) for im, _ in pairs]
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             feats = fpn_features(teacher, images)
         for n, (_, t) in enumerate(pairs):
-            maps[(t["image_id"], t["flipped"])] = {s: feats[s][n].to(torch.float16) for s in strides}
+            maps[(t["image_id"], t["flipped"])] = {s: _half(feats[s][n]) for s in strides}
             sizes[(t["image_id"], t["flipped"])] = feats.sizes[n]
         if j == 0 and FeatureCache(maps, sizes).nbytes() * len(items) / len(pairs) > limit:
             if is_main():
@@ -395,6 +404,7 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
     validation AP), distill_ratio_start / distill_ratio_end: feature loss / detection loss at the first
     logged iteration and over the last 20% (with teachers)}."""
     fast, lam, every, resume = recipe["fast"], recipe["lam"], recipe["every"], recipe["resume"]
+    model.__dict__.pop("source", None)  # its weights will differ from the file's: never a cached teacher
     torch.manual_seed(seed + rank())  # augmentation differs per rank; the data order is shared
     loader.batch_sampler.seed, loader.batch_sampler.start = seed, 0
     fmt = torch.channels_last if fast else torch.preserve_format
@@ -478,6 +488,8 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
         for b in model.buffers():  # BatchNorm statistics: evaluate what rank 0 saves, on every rank
             dist.broadcast(b, 0)
     out = {"train_det_loss": sum(tail) / max(len(tail), 1)}
+    if teachers:  # which teachers were looked up in a cache (the fast path) rather than run
+        out["cached_teachers"] = [c is not None for c in caches or [None] * len(teachers)]
     if ratios:
         end = [r for s, r in ratios if s >= 0.8 * steps] or [ratios[-1][1]]
         out.update(distill_ratio_start=ratios[0][1], distill_ratio_end=sum(end) / len(end))

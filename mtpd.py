@@ -216,6 +216,8 @@ def feature_loss(student_feats, teacher_feats, adapters, *, mechanisms=None, box
     that lambda ~ 1 means the same across detectors: raw FPN MSEs are often hundreds of times the
     detection loss. When both feature dicts carry the images' sizes (Levels.sizes), each image is aligned
     by its real extent and the teacher's padding is left out of the error and of the variance (align).
+    A mechanism receives both maps with F_T's values on the teacher's padding (not masked: its loss may
+    still see those cells, e.g. MGD's 3x3 generator or CWD's softmax over positions).
 
     mechanisms: another loss per level in place of the L2 (§3.4: MTPD wraps CWD, FGD, MGD, PKD), an
     nn.ModuleDict keyed like `adapters` of modules m(phi(F_S), F_T, boxes, stride) -> scalar; their sum

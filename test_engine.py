@@ -84,6 +84,13 @@ def test_cached_teacher_features_give_the_uncached_loss(shapes):
     with torch.no_grad():
         unflipped = fpn_features(teacher, [images[1].flip(-1)])[8][0]
     assert not torch.allclose(looked[8][1], unflipped, atol=1e-2)
+    # the path training takes: filled under bf16 autocast, against the bf16 forward of the batch
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        exact16 = fpn_features(teacher, images)
+    low = engine.teacher_cache(teacher, ds, strides, torch.device("cpu"), bf16=True, batch=5).lookup(
+        targets, torch.device("cpu"))
+    for s in strides:
+        torch.testing.assert_close(low[s], exact16[s].float(), rtol=2e-2, atol=2e-2)
     losses = {}
     for name, caches in (("forward", None), ("cache", [cache])):
         step = engine.Distilled(student, [teacher], adapters, 1.0, caches=caches)
@@ -109,8 +116,9 @@ def test_fast_path_is_deterministic_fused_and_saves_plain_float32(zoo, tmp_path)
     assert any(not torch.equal(fast[k], plain[k]) for k in fast)
     assert all(v.dtype != torch.bfloat16 and v.is_contiguous() for v in fast.values())
     assert all(v.dtype == torch.float32 for k, v in fast.items() if v.is_floating_point())
-    w = "backbone.body.layer1.0.conv1.weight"
-    torch.testing.assert_close(fast[w], plain[w], rtol=0, atol=1e-2)  # 3 steps at lr 1e-4 apart at most
+    start = torch.load(base / "s.pt", weights_only=True)["model"]
+    w = "backbone.body.layer1.0.conv1.weight"  # the paths differ by less than the training moved either
+    assert (fast[w] - plain[w]).abs().mean() < (plain[w] - start[w]).abs().mean()
 
 
 def test_fused_adamw_matches_the_plain_one():

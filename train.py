@@ -198,7 +198,9 @@ def cmd_eval(args):
     if ds.category_ids != spec["category_ids"]:
         fail(f"{args.ckpt} was trained on categories {spec['category_ids']}, the data at {root} has "
              f"{ds.category_ids}: evaluate on data of the same categories")
-    bbox, segm = data.predict(model, val_loader, ds.category_ids, device, progress=True)
+    if not args.fp32:  # the fast path, as the AP stored in the checkpoint was measured
+        model.to(memory_format=torch.channels_last)
+    bbox, segm = data.predict(model, val_loader, ds.category_ids, device, progress=True, bf16=not args.fp32)
     kinds = {"bbox": bbox, "segm": segm} if spec["name"].startswith("maskrcnn") else {"bbox": bbox}
     for iou_type, results in kinds.items():
         _, text = data.coco_summary(ds.coco, results, iou_type, text=True)
@@ -255,7 +257,8 @@ def cmd_order_all(args):
     train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
     check_classes(sspec, [spec for _, spec, _ in loaded.values()], train_loader.dataset.category_ids)
     check_writable(args.out)
-    reproduce.check_setup(args.out, args.ckpt_student, teachers, args.steps, args.lr, args.lam, args.seed)
+    reproduce.check_setup(args.out, args.ckpt_student, teachers, args.steps, args.lr, args.lam, args.seed,
+                          fast=not args.fp32)
     models = {sspec["label"]: student, **{spec["label"]: m for m, spec, _ in loaded.values()}}
     cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), args.images, device)
     ap = {spec["label"]: met["AP"] if met.get("AP") is not None else evaluate(m, val_loader, args)["AP"]
@@ -305,10 +308,10 @@ def cmd_distill(args):
         fail(f"--mechanism takes one mechanism, or one per stage ({len(order)}), not {len(args.mechanism)}")
     mech = args.mechanism * len(order) if len(args.mechanism) == 1 else args.mechanism
     chosen = {"mechanisms": mech, "published": args.published_weights, "lam": args.lam, "inherit": args.inherit,
-              "adapter": args.adapter, "steps": args.steps}
+              "adapter": args.adapter, "steps": args.steps, "fast": not args.fp32}
     if any(saved.get(k, v) != v for k, v in chosen.items()):
         fail(f"{args.out} was started with other --mechanism / --published-weights / --lam / --inherit / --adapter "
-             "/ --steps: resume with the same")
+             "/ --steps / --fp32: resume with the same")
     print(f"order: {' -> '.join(f'{t} ({m})' for t, m in zip(order, mech))}")
     save_json(order_path, {"student": sspec["label"], "order": order, **chosen})
 
@@ -348,7 +351,7 @@ def get_args_parser():
     run.add_argument("--fp32", action="store_true",
                      help="the plain path: float32, NCHW, per-parameter AdamW, a teacher forward at every step")
     run.add_argument("--cache-gib", type=float, default=2.0,
-                     help="memory for cached teacher features (fast path; default 2 GiB)")
+                     help="memory for one teacher's cached features (fast path; default 2 GiB)")
     run.add_argument("--compile", action="store_true", help="torch.compile the backbones (slow start)")
     data_arg = parent()
     data_arg.add_argument("--data", help="COCO-format root (default: the built-in shapes benchmark)")
