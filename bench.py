@@ -128,8 +128,9 @@ def p7(device, size, batch, repeats):
             low = mode == "fast"
             m = detector(name, scale, size, device).to(memory_format=torch.channels_last if low else
                                                        torch.contiguous_format)
-            m_, _, sched, params = stage(m, [], images)
+            m_, _, _, params = stage(m, [], images)
             opt = engine.adamw(params, 1e-4, RECIPE["weight_decay"], fused=mode != "plain")
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
             fns[mode] = lambda s=(m_, opt, sched, params), low=low: engine.train_step(*s, images, targets, low,
                                                                                       RECIPE["clip"])
             if mode != "fused":
