@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The study behind the default preset (RESULTS.md): each cell distils the seed-0 off-the-shelf student
 # directly from the best teacher, at the same budget and with the same batches as the `direct` and `long`
-# rows of `python train.py --seeds 0 1 2 --out runs/seeds` (seed 635 = the seed those rows train with).
+# rows of `python train.py --seeds 0 1 2 --fp32 --out runs/seeds` (seed 635 = the seed those rows train with).
 # The cell `--lam 1 --inherit` at the row's budget is the `direct` row itself. --lam 0 trains without the
 # teacher's signal: like `long` (the same batches; the flips differ, since the adapters' first batch draws
 # from the RNG), and with --inherit it is `long` from the inherited neck and head.
-# Run that reproduction first; then `bash study.sh` (about 5 minutes a cell of B iterations on 2 CPU cores,
+# Those rows, and so the cells, ran on the plain path (--fp32), before the fast path existed.
+# Run that reproduction first (with --fp32); then `bash study.sh` (about 5 minutes a cell of B iterations on 2 CPU cores,
 # one run at a time; a finished cell is reused). Prints one line per cell.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,7 +17,7 @@ S=$(python -c "import json; print(json.load(open('$RUN/results.json'))['recipe']
 ORDER=$(python -c "import json; print(' '.join('$POOL/' + t + '.pt' for t in json.load(open('$RUN/order.json'))['order']))")
 cell() {  # name, iterations per stage, then distill's flags (a later --teachers replaces the final teacher)
   local name=$1 steps=$2; shift 2
-  python train.py distill --student "$RUN/ckpt/ots.pt" --teachers "$TEACHER" --keep-order --seed 635 \
+  python train.py distill --student "$RUN/ckpt/ots.pt" --teachers "$TEACHER" --keep-order --seed 635 --fp32 \
     --steps "$steps" --resume --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
   python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
 m = torch.load(f, weights_only=True)['metrics']; \
@@ -32,5 +33,5 @@ cell direct_lam3          $B --lam 3 --inherit
 cell mtpd_identity        $S --lam 1 --inherit --teachers $ORDER
 cell mtpd_conv_adapter    $S --lam 1 --inherit --adapter conv --teachers $ORDER
 cell direct_conv_adapter  $B --lam 1 --inherit --adapter conv
-cell long_stage800        $((2 * B)) --lam 0              # stages as long as the OTS schedule
-cell direct_stage800      $((2 * B)) --lam 1 --inherit
+# stages as long as the OTS schedule: measured on the fast path with `python train.py --stage-steps 800`
+# (RESULTS.md), which runs every row
