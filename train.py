@@ -126,13 +126,13 @@ def cmd_reproduce(args):
     p = PRESETS[args.preset]
     out = args.out or os.path.join("runs", args.preset)
     check_writable(out)
-    root = dataset_root(args)
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         fail(f"--seeds must be different from each other, got {args.seeds}")
     p = dict(p, **{k: v for k, v in (("lam", args.lam), ("inherit", args.inherit), ("adapter", args.adapter),
                                      ("stage_steps", args.stage_steps)) if v is not None})
     if p["stage_steps"] < 1:
         fail(f"--stage-steps must be at least 1, got {p['stage_steps']}")
+    root = dataset_root(args)  # after the checks: a bad flag writes nothing
     return reproduce.reproduce(p, args.preset, out, root, lambda b, masks, seed: loaders(args, root, b, seed, masks),
                                args.dev, args.seeds or [args.seed],
                                recipe(args, lr=p["lr"], lam=p["lam"], adapter=p.get("adapter", "auto"),
