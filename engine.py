@@ -319,10 +319,10 @@ def teacher_cache(teacher, dataset, strides, device, bf16, batch=8, desc="cache"
         for n, (_, t) in enumerate(pairs):
             maps[(t["image_id"], t["flipped"])] = {s: _half(feats[s][n]) for s in strides}
             sizes[(t["image_id"], t["flipped"])] = feats.sizes[n]
-        if j == 0 and FeatureCache(maps, sizes).nbytes() * len(items) / len(pairs) > limit:
+        need = FeatureCache(maps, sizes).nbytes() * len(items) / len(pairs) if j == 0 else 0
+        if need > limit:  # estimated from the first batch, before filling the rest
             if is_main():
-                need = FeatureCache(maps, sizes).nbytes() * len(items) / len(pairs) / 2 ** 30
-                print(f"{desc}: teacher features not cached: they need {need:.2f} GiB, over the "
+                print(f"{desc}: teacher features not cached: they need {need / 2 ** 30:.2f} GiB, over the "
                       f"{CACHE_GIB:g} GiB cache limit (--cache-gib); the teacher runs at every step")
             return None
     cache = FeatureCache(maps, sizes)
