@@ -349,6 +349,28 @@ def make_adapters(student, teachers, images, mechanism="l2", published=False, co
                       for a in adapters]
 
 
+@torch.no_grad()
+def least_squares_adapters(student, teachers, adapters, dataset, device, n_images, batch=8):
+    """--adapter lstsq: each teacher's 1x1-conv adapters start at the least-squares map from the student's
+    levels to the teacher's (mtpd.least_squares_adapters), fitted on the first `n_images` training images
+    (file order, unflipped, as the cost matrix), the student in eval mode (its BatchNorm statistics are
+    left alone), in float32."""
+    mode, n = student.training, min(n_images, len(dataset))
+    student.eval()
+    try:
+        moments = [{} for _ in teachers]
+        for j in range(0, n, batch):
+            images = [(dataset.load(i, False) if hasattr(dataset, "load") else dataset[i])[0].to(device)
+                      for i in range(j, min(j + batch, n))]
+            fs = float32(fpn_features(student, images))
+            for m, t in zip(moments, teachers):
+                mtpd.accumulate_moments(m, "fit", {"student": fs, "teacher": float32(fpn_features(t, images))})
+        for m, a in zip(moments, adapters):
+            mtpd.least_squares_adapters(a, m, "student", "teacher")
+    finally:
+        student.train(mode)
+
+
 def train_step(step_module, opt, sched, params, images, targets, bf16, clip):
     """One optimisation step of a Distilled module (or its DDP wrapper), gradients clipped to the max-norm
     `clip`. Returns the loss dict, still on the device: reading a value is a host-device sync, so the
@@ -385,7 +407,9 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
 
     recipe (train.RECIPE, with a run's own values): lr, weight_decay, warmup, drop_at, drop, clip (the
     optimiser and schedule, see lr_at); lam (the feature loss's weight), adapter ('auto': identity where
-    the widths match, 'conv': a learned 1x1 conv always), published (the mechanisms' published loss
+    the widths match, 'conv': a learned 1x1 conv always, 'lstsq': a 1x1 conv that starts at the least-squares
+    map from the student's levels to the teacher's, fitted on recipe['adapter_images'] training images, as
+    the adaptation cost fits it: not in the paper), published (the mechanisms' published loss
     weights instead of ours); fast, compile, every, resume (how it runs):
     - fast: the fast path (train.py's default, off with --fp32), on a CPU as on CUDA: bfloat16 autocast
       and channels_last for student and teachers (the feature loss, the anchors and P6/P7 stay float32),
@@ -422,7 +446,9 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
                 if is_main():
                     print(f"{desc}: inherited {copied} of the student's {of} neck/head tensors from the first teacher")
             adapters, mechs = make_adapters(model, teachers, first, mechanism, recipe["published"],
-                                            recipe["adapter"] == "conv")
+                                            recipe["adapter"] in ("conv", "lstsq"))
+            if recipe["adapter"] == "lstsq" and not (resume and state and os.path.isfile(state)):
+                least_squares_adapters(model, teachers, adapters, loader.dataset, device, recipe["adapter_images"])
         except ValueError as e:  # no common FPN stride, nothing to inherit
             fail(f"cannot distil {desc}: {e}")
     caches = None

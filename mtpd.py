@@ -5,6 +5,7 @@
     3. feature loss      L = L_detect + lambda * || F_T - phi(F_S) ||^2                  (§3.1)
                          or CWD / FGD / MGD / PKD per level (mechanisms.py)               (§3.4)
     4. adaptation cost   d(A -> B): held-out error of the best linear 1x1 map A -> B      (§3.2)
+                         (that map can also start a stage's adapter: ours, not the paper's)
     5. BGS               Backward Greedy Selection of the teacher order                   (§3.2, Alg. 1)
     6. the schedule      one stage per teacher, fresh adapter and optimiser per stage     (§3.2)
 
@@ -362,6 +363,13 @@ def _pair_stats(moments):
     return stats
 
 
+def _ridge_solve(xx, xy, ridge):
+    """W = (X'X + r I)^-1 X'Y, r = ridge * mean(diag X'X), the bias (last row) not penalised. [Ca+1, Cb]"""
+    reg = torch.eye(xx.shape[0], dtype=xx.dtype, device=xx.device) * ridge * xx.diagonal()[:-1].mean()
+    reg[-1, -1] = 0.0
+    return torch.linalg.solve(xx + reg, xy)
+
+
 def costs_from_moments(moments, *, ridge=1e-2):
     """Solve each pair's ridge least squares on 'fit', evaluate it exactly on 'held'.
 
@@ -378,9 +386,7 @@ def costs_from_moments(moments, *, ridge=1e-2):
             continue
         if ("held", a, b, s) not in stats:
             raise ValueError("the held-out split is empty: adaptation costs need held-out features")
-        reg = torch.eye(xx.shape[0], dtype=xx.dtype, device=xx.device) * ridge * xx.diagonal()[:-1].mean()
-        reg[-1, -1] = 0.0
-        w = torch.linalg.solve(xx + reg, xy)  # [Ca+1, Cb]
+        w = _ridge_solve(xx, xy, ridge)  # [Ca+1, Cb]
         hxx, hxy, hsy, hyy, n = stats[("held", a, b, s)]
         sse = hyy - 2 * (w * hxy).sum() + (w * (hxx @ w)).sum()
         sst = hyy - (hsy * hsy).sum() / n
@@ -397,6 +403,30 @@ def adaptation_costs(batches, *, ridge=1e-2):
     for split, feats in batches:
         accumulate_moments(moments, split, feats)
     return costs_from_moments(moments, ridge=ridge)
+
+
+def least_squares_adapters(adapters, moments, student, teacher, *, ridge=1e-2):
+    """Start each 1x1-conv adapter (build_adapters(..., conv=True)) at the map the adaptation cost fits
+    from `student`'s level to `teacher`'s: the same ridge solve over all of `moments` (accumulate_moments
+    of both models' features, any split). Not in the paper, whose adapters start at random: an adapter
+    that starts at the best linear map absorbs the change of channel basis from one independently trained
+    teacher to the next, so a stage's feature loss starts at the cost d(student -> teacher) (a fraction of
+    the teacher's variance) instead of at a full rotation of the student's FPN onto the teacher's basis.
+    W [Cs+1, Ct] -> proj.weight [Ct, Cs, 1, 1] and proj.bias [Ct]. Returns the adapters."""
+    stats = {}
+    for (split, a, b, s), st in _pair_stats(moments).items():
+        if (a, b) == (student, teacher):
+            old = stats.get(s)
+            stats[s] = st[:2] if old is None else [u + v for u, v in zip(old, st[:2])]
+    for key, adapter in adapters.items():
+        if int(key) not in stats or not isinstance(adapter.proj, nn.Conv2d):
+            raise ValueError(f"no least-squares fit for the adapter at stride {key}: it needs a 1x1 conv "
+                             f"and both models' features at that stride")
+        w = _ridge_solve(*stats[int(key)], ridge)
+        with torch.no_grad():
+            adapter.proj.weight.copy_(w[:-1].T.reshape(adapter.proj.weight.shape))
+            adapter.proj.bias.copy_(w[-1])
+    return adapters
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def every_order(student, teachers, bgs, steps, out, train_loader, val_loader, lo
     index, so orders differ only by their teachers; inherit: the first stage inherits (models.inherit).
     Returns {teachers, stage_steps, rows, bgs, bgs_rank}."""
     check_setup(out, student, teachers, steps, recipe["lr"], recipe["lam"], seed, inherit,
-                recipe["adapter"] == "conv", recipe["fast"])
+                recipe["adapter"], recipe["fast"])
 
     def run_prefix(prefix):
         path = os.path.join(out, "+".join(prefix) + ".pt")
@@ -227,11 +227,11 @@ def every_order(student, teachers, bgs, steps, out, train_loader, val_loader, lo
             "bgs_rank": analysis.rank_of(rows, bgs)}
 
 
-def check_setup(out, student, teachers, steps, lr, lam, seed, inherit=False, conv=False, fast=False):
+def check_setup(out, student, teachers, steps, lr, lam, seed, inherit=False, adapter="auto", fast=False):
     """every_order's cache is keyed by teachers only: out/setup.json records the rest, and a folder that
     holds the orders of another setup is refused rather than silently reused."""
     setup = {"student": os.path.abspath(student), "steps": steps, "lr": lr, "lam": lam, "seed": seed,
-             "teachers": {k: os.path.abspath(v) for k, v in teachers.items()}, "inherit": inherit, "conv": conv,
+             "teachers": {k: os.path.abspath(v) for k, v in teachers.items()}, "inherit": inherit, "adapter": adapter,
              "fast": fast}
     path = os.path.join(out, "setup.json")
     if os.path.isfile(path) and json.load(open(path)) != setup:

@@ -336,6 +336,38 @@ def test_no_common_stride_is_a_clear_error(zoo, monkeypatch):
         engine.train_loop(student, loader, 2, torch.device("cpu"), 0, dict(train.RECIPE, lr=1e-3), [teacher])
 
 
+def test_lstsq_adapter_starts_the_feature_loss_at_the_fitted_map(zoo):
+    """--adapter lstsq: with a teacher that is a copy of the student, the least-squares map is close to the
+    identity, so the first logged feature loss is about the identity adapter's and well below the one a
+    conv adapter at torch's init starts with; the fit leaves the student's weights and statistics alone."""
+    base, root = zoo
+    loader, _ = engine.loaders(root, 4, 0, masks=False)
+    start = {}
+    for adapter in ("conv", "lstsq", "auto"):
+        student = engine.load(str(base / "s.pt"))[0]
+        bns = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in bns:  # running statistics of these images, so that train and eval mode agree (as trained)
+            m.reset_running_stats(), setattr(m, "momentum", None)
+        with torch.no_grad():
+            fpn_features(student.train(), [loader.dataset[i][0] for i in range(8)])
+        for m in bns:
+            m.momentum = 0.1
+        teacher = copy.deepcopy(student)
+        logs = []
+        if adapter == "lstsq":  # the fit alone changes nothing in the student
+            before = {k: v.clone() for k, v in student.state_dict().items()}
+            ads, _ = engine.make_adapters(student, [teacher], [loader.dataset[0][0]], conv=True)
+            engine.least_squares_adapters(student, [teacher], ads, loader.dataset, torch.device("cpu"), 8)
+            assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+            assert not torch.allclose(ads[0]["8"].proj.weight.flatten(1), torch.zeros(16, 16))
+        engine.train_loop(student, loader, 1, torch.device("cpu"), 0,
+                          dict(train.RECIPE, lr=1e-3, adapter=adapter, adapter_images=8), [teacher], log=logs.append)
+        start[adapter] = next(r["distill"] for r in logs if r.get("event") == "step")
+    # the copy's identity is the exact map; what remains is train-mode BatchNorm on a batch of 4 (flipped)
+    # against the teacher's eval mode: the fitted map does as well as the identity, far below conv's start
+    assert start["lstsq"] < 1.1 * start["auto"] and start["lstsq"] < 0.5 * start["conv"], start
+
+
 @pytest.mark.slow
 def test_cpu_training_is_deterministic_across_processes(zoo, tmp_path):
     """Two fresh processes, same seed: identical weights (torch's default generator starts from a random

@@ -252,6 +252,27 @@ def test_cost_matches_direct_least_squares():
     assert abs(cost["A"]["B"] - expected.item()) < 1e-8
 
 
+def test_least_squares_adapters_start_at_the_affine_map_across_resolutions():
+    """A teacher whose levels are an affine map of the student's, the second level at twice the student's
+    resolution (bilinear, still linear): the least-squares adapters reproduce the teacher exactly, and
+    the feature loss starts at 0 (where a conv adapter at torch's init does not)."""
+    w, b = torch.randn(5, 3, generator=torch.Generator().manual_seed(3)), torch.randn(5, 1, 1)
+    aff = lambda x: torch.einsum("dc,nchw->ndhw", w, x) + b  # noqa: E731
+    up = lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
+    student = {8: _feats(1, c=3), 16: _feats(2, c=3, hw=2)}
+    teacher = {8: aff(student[8]), 16: aff(up(student[16]))}
+    moments = mtpd.accumulate_moments({}, "fit", {"s": student, "t": teacher})
+    adapters = mtpd.build_adapters(student, teacher, conv=True)
+    assert mtpd.feature_loss(student, teacher, adapters).item() > 0.1
+    mtpd.least_squares_adapters(adapters, moments, "s", "t", ridge=0.0)
+    for s in (8, 16):
+        out = adapters[str(s)](student[s], teacher[s].shape[-2:])
+        assert torch.allclose(out, teacher[s], atol=1e-4), s
+    assert mtpd.feature_loss(student, teacher, adapters).item() < 1e-6
+    with pytest.raises(ValueError, match="1x1 conv"):  # an identity adapter has nothing to fit
+        mtpd.least_squares_adapters(mtpd.build_adapters(student, student), moments, "s", "t")
+
+
 def test_cost_resizes_across_resolutions():
     a = _feats(5, hw=4)
     up = torch.nn.functional.interpolate(a, size=(8, 8), mode="bilinear", align_corners=False)

@@ -32,11 +32,12 @@ from report import table
 # ---------------------------------------------------------------------------------------------------------
 # Every stage gets a fresh AdamW and LR schedule (§3.2): linear warm-up, constant, x `drop` from `drop_at`
 # of the iterations on (from scratch, decaying early hurts), gradients clipped at the official recipe's
-# max-norm. lam: the feature loss's weight; adapter: 'auto' (identity where the widths match, §3.1) or
+# max-norm. lam: the feature loss's weight; adapter: 'auto' (identity where the widths match, §3.1),
+# 'lstsq' (a 1x1 conv started at the least-squares map, fitted on adapter_images training images) or
 # 'conv'; published: the mechanisms' published loss weights. fast, compile, every, resume: how it runs
 # (engine.train_loop); the command line sets them, and --lr, --lam, --adapter override the rest.
 RECIPE = dict(lr=3e-4, weight_decay=1e-4, warmup=50, drop_at=0.85, drop=0.1, clip=35.0,
-              lam=1.0, adapter="auto", published=False,
+              lam=1.0, adapter="auto", adapter_images=64, published=False,
               fast=True, compile=False, every=100, resume=False)
 
 
@@ -370,8 +371,11 @@ def get_args_parser():
         p.add_argument("--inherit", action=argparse.BooleanOptionalAction, default=inherit,
                        help="before stage 1, copy the first teacher's neck and head into the student (authors' "
                             "code); --no-inherit starts from the student's own")
-        p.add_argument("--adapter", choices=["auto", "conv"], default=None if inherit is None else RECIPE["adapter"],
-                       help="auto: identity where the widths match (§3.1); conv: always a learned 1x1 conv")
+        p.add_argument("--adapter", choices=["auto", "conv", "lstsq"],
+                       default=None if inherit is None else RECIPE["adapter"],
+                       help="auto: identity where the widths match (§3.1); conv: always a learned 1x1 conv; "
+                            "lstsq: a 1x1 conv that starts at the least-squares map the adaptation cost fits "
+                            "(not in the paper)")
 
     p = sub.add_parser("train", parents=[run, data_arg, training, lr], help="train one detector from scratch")
     p.add_argument("--model", required=True, help=f"one of: {', '.join(ZOO)}")
