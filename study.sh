@@ -6,10 +6,11 @@
 # teacher's signal: like `long` (the same batches; the flips differ, since the adapters' first batch draws
 # from the RNG), and with --inherit it is `long` from the inherited neck and head.
 # Those rows, and so the cells, ran on the plain path (--fp32), before the fast path existed.
-# Run that reproduction first (with --fp32); then `bash study.sh` (about 5 minutes a cell of B iterations on 2 CPU cores,
+# Part 1: run that reproduction first (with --fp32); then `bash study.sh` (about 5 minutes a cell of B iterations on 2 CPU cores,
 # one run at a time; a finished cell is reused). Prints one line per cell.
 set -euo pipefail
 cd "$(dirname "$0")"
+if [ "${1:-}" != fast ]; then
 RUN=${RUN:-runs/seeds/seed0}; POOL=${POOL:-runs/seeds/ckpt}; OUT=${OUT:-runs/study}
 TEACHER=$POOL/$(python -c "import json; print(json.load(open('$RUN/order.json'))['order'][-1])").pt
 B=$(python -c "import json; print(json.load(open('$RUN/results.json'))['budget_steps'])")  # the rows' budget
@@ -35,3 +36,51 @@ cell mtpd_conv_adapter    $S --lam 1 --inherit --adapter conv --teachers $ORDER
 cell direct_conv_adapter  $B --lam 1 --inherit --adapter conv
 # stages as long as the OTS schedule: measured on the fast path with `python train.py --stage-steps 800`
 # (RESULTS.md), which runs every row
+fi
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 2, the fast path (RESULTS.md "Why MTPD loses here"): seed 0 of `python train.py` (the default
+# run, the fast path), its OTS student and pool in $FAST (runs/default/ckpt after `python train.py`).
+# Run as `bash study.sh fast`; about 3 minutes a cell. Each cell trains 800 iterations after OTS, like
+# the rows; MTPD cells run two stages of 400.
+if [ "${1:-}" = fast ]; then
+  FAST=${FAST:-runs/default/ckpt}; OUT=${OUT_FAST:-runs/study_fast}; mkdir -p "$OUT"
+  R50=$FAST/r50@1x.pt; R18=$FAST/r18@1x.pt
+  fcell() {
+    local name=$1 steps=$2; shift 2
+    python train.py distill --student "$FAST/ots.pt" --keep-order --seed 635 --steps "$steps" --resume \
+      --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
+    python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
+m = torch.load(f, weights_only=True)['metrics']; \
+print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
+  }
+  # two stages as `distill` runs them (stage i: seed 635 + i, fresh adapters and AdamW, the first inherits),
+  # from any two teachers (also the same one twice), with per-stage schedules ("restart") or one schedule
+  # across both ("one": warm-up only in stage 1, one LR drop at 85% of the 800 iterations)
+  seq() {
+    python - "$@" <<'PY'
+import os, sys
+import torch
+import engine, train
+name, sched, out, ots, *teachers = sys.argv[1:]
+train_loader, val_loader = engine.loaders("data/shapes128_800", 8, 635, False)
+model, spec, _ = engine.load(ots)
+for i, t in enumerate(teachers):
+    r = dict(train.RECIPE)
+    if sched == "one":
+        r.update(drop_at=2.0) if i == 0 else r.update(warmup=0, drop_at=0.7)
+    m = engine.fit(model, spec, f"{out}/{name}/stage{i + 1}.pt", train_loader, val_loader, 400,
+                   torch.device("cpu"), 635 + i, r, [engine.load(t)[0]], desc=f"{name} {i + 1}", inherit_first=i == 0)
+print(name.ljust(24), " ".join(f"{k} {100 * m[k]:5.1f}" for k in ("AP", "APs", "APm", "APl")))
+PY
+  }
+  fcell direct_identity        800 --inherit --teachers "$R18"      # = the `direct` row
+  fcell direct_noinherit       800 --no-inherit --teachers "$R18"
+  fcell direct_lstsq           800 --inherit --adapter lstsq --teachers "$R18"
+  fcell direct_lstsq_noinherit 800 --no-inherit --adapter lstsq --teachers "$R18"
+  fcell mtpd_identity          400 --inherit --teachers "$R50" "$R18"
+  fcell mtpd_conv              400 --inherit --adapter conv --teachers "$R50" "$R18"
+  fcell mtpd_lstsq             400 --inherit --adapter lstsq --teachers "$R50" "$R18"
+  seq mtpd_one_schedule one "$OUT" "$FAST/ots.pt" "$R50" "$R18"
+  seq r18_twice restart "$OUT" "$FAST/ots.pt" "$R18" "$R18"
+fi
