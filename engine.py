@@ -438,16 +438,17 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
         for m in [model] + teachers:
             m.backbone.compile(dynamic=True)
     adapters, mechs = [], None
+    resuming = bool(resume and state and os.path.isfile(state))  # weights, adapters, optimiser come from it
     if teachers:  # fresh for this stage
         first = [im.to(device) for im in next(iter(loader))[0]]
         try:
-            if inherit_first and not (resume and state and os.path.isfile(state)):
+            if inherit_first and not resuming:
                 copied, of = inherit(model, teachers[0], first)
                 if is_main():
                     print(f"{desc}: inherited {copied} of the student's {of} neck/head tensors from the first teacher")
             adapters, mechs = make_adapters(model, teachers, first, mechanism, recipe["published"],
                                             recipe["adapter"] in ("conv", "lstsq"))
-            if recipe["adapter"] == "lstsq" and not (resume and state and os.path.isfile(state)):
+            if recipe["adapter"] == "lstsq" and not resuming:  # a resumed state holds the trained adapters
                 least_squares_adapters(model, teachers, adapters, loader.dataset, device, recipe["adapter_images"])
         except ValueError as e:  # no common FPN stride, nothing to inherit
             fail(f"cannot distil {desc}: {e}")
@@ -461,7 +462,7 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
     opt = adamw(params, recipe["lr"], recipe["weight_decay"], fused=fast)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, recipe))
     start, tail, ratios = 0, [], []
-    if resume and state and os.path.isfile(state):
+    if resuming:
         ck = read(state)
         step_module.load_state_dict(ck["weights"])  # the student and its adapters
         opt.load_state_dict(ck["optimizer"])
