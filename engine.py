@@ -586,9 +586,11 @@ def float32(feats):
 def cost_matrix(models, dataset, n_images, device, batch=8):
     """d(a -> b) for every ordered pair of frozen `models` ({label: model}); the first half of the first
     `n_images` training images (in file order, no augmentation) fits the linear maps, the second half is
-    held out. One forward per model per batch. Every rank gets rank 0's matrix."""
+    held out. One forward per model per batch. Every rank gets rank 0's matrix. The models are only read:
+    each is evaluated in eval mode and left as it came (a student goes on to train: `distill`)."""
+    modes = {k: m.training for k, m in models.items()}
     for m in models.values():
-        mtpd.freeze(m.to(device))
+        m.to(device).eval()
     subset = torch.utils.data.Subset(dataset, range(min(n_images, len(dataset))))
     if len(subset) < 2:
         fail(f"adaptation costs need at least 2 training images (one to fit, one held out), got {len(subset)}")
@@ -604,7 +606,10 @@ def cost_matrix(models, dataset, n_images, device, batch=8):
                 yield split, {k: float32(fpn_features(m, images)) for k, m in models.items()}
                 seen += len(images)
 
-    return from_main(mtpd.adaptation_costs(batches()))
+    cost = from_main(mtpd.adaptation_costs(batches()))
+    for k, m in models.items():
+        m.train(modes[k])
+    return cost
 
 
 # ---------------------------------------------------------------------------------------------------------

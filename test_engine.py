@@ -121,6 +121,37 @@ def test_fast_path_is_deterministic_fused_and_saves_plain_float32(zoo, tmp_path)
     assert (fast[w] - plain[w]).abs().mean() < (plain[w] - start[w]).abs().mean()
 
 
+
+def test_cost_matrix_leaves_the_models_as_they_came(zoo):
+    """The cost matrix only reads the models: a student in training mode stays trainable (distill trains it
+    next), a frozen teacher stays frozen."""
+    base, root = zoo
+    student = engine.load(str(base / "s.pt"))[0].train()
+    teacher = mtpd.freeze(engine.load(str(base / "t1.pt"))[0])
+    grads = [p.requires_grad for p in student.parameters()]
+    cost = engine.cost_matrix({"s": student, "t1": teacher}, data.CocoDetection(root, "train", masks=False), 4,
+                              torch.device("cpu"), batch=2)
+    assert cost["s"]["t1"] > 0 and cost["t1"]["s"] > 0
+    assert student.training and any(grads) and [p.requires_grad for p in student.parameters()] == grads
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.slow
+def test_distill_with_bgs_trains_the_student(zoo, tmp_path):
+    """Without --keep-order, distill fits the costs over the student and the teachers, orders them by BGS
+    and trains each stage (the cost fitting once froze the student: AdamW got no parameters)."""
+    base, root = zoo
+    out = tmp_path / "bgs"
+    r = run_cli("distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt", "--k", "2",
+                "--images", "4", "--steps", "2", "--batch", "2", "--data", root, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    order, cost = json.load(open(out / "order.json"))["order"], json.load(open(out / "cost.json"))["cost"]
+    assert 1 <= len(order) <= 2 and set(order) <= {"t1", "t2"} and set(cost) == {"s", "t1", "t2"}
+    assert all((out / f"stage{i + 1}.pt").is_file() for i in range(len(order)))
+    start = torch.load(base / "s.pt", weights_only=True)["model"]
+    trained = torch.load(out / "student.pt", weights_only=True)
+    assert any(not torch.equal(trained[k], start[k]) for k in start if start[k].is_floating_point())
+
 def test_fused_adamw_matches_the_plain_one():
     """engine.adamw(fused=True) takes the same steps as torch's default AdamW (to float rounding)."""
     torch.manual_seed(0)
