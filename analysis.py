@@ -64,7 +64,7 @@ def random_direction(model, seed):
         if w.dim() <= 1:
             d[name] = torch.zeros_like(w)
             continue
-        wn = w.detach().float().flatten(1).norm(dim=1)  # [C_out]
+        wn = w.detach().float().flatten(1).norm(dim=1).cpu()  # [C_out]; the draw stays on the CPU, then .to(w)
         rn = r.flatten(1).norm(dim=1)  # [C_out]
         d[name] = (r * (wn / (rn + 1e-10)).view(-1, *[1] * (w.dim() - 1))).to(w)
     return d

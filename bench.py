@@ -236,7 +236,7 @@ def sgd_costs(feats, steps, lr=1e-2):
             sse = sst = 0.0
             for s in mtpd.common_strides(fit[0][a], fit[0][b]):
                 x, y = pair_rows(fit, a, b, s)
-                lin = torch.nn.Linear(x.shape[1], y.shape[1])
+                lin = torch.nn.Linear(x.shape[1], y.shape[1]).to(x.device)
                 opt = torch.optim.Adam(lin.parameters(), lr=lr)
                 for _ in range(steps):
                     opt.zero_grad()
