@@ -66,11 +66,11 @@ PRESETS = {  # measured on 2 CPU cores (RESULTS.md): tiny about a minute
                     pool=[model("r18@1x", "retinanet_r18", 1.0, 1000, **SMALL),
                           model("r50@1x", "retinanet_r50", 1.0, 600, **SMALL, zero_init_residual=True),
                           model("mrcnn_r18@1x", "maskrcnn_r18", 1.0, 200, fpn_channels=128)]),
-    # The default with a converged OTS student: its schedule is 5000 iterations, where its learning curve
-    # has plateaued and the LR drop has been taken (RESULTS.md), and every stage and row is 6.25x the default's
-    # (stage = half the OTS schedule, as in the default). R50@1x trains 1000 iterations so that it beats the
-    # longer-trained student. About 2.5 hours on 2 CPU cores; it tests whether MTPD's deficit comes from
-    # the default's unconverged student and short stages.
+    # The default with a converged OTS student: 5000 iterations, where its learning curve has plateaued and
+    # the LR drop has been taken (RESULTS.md); every schedule of the student is 6.25x the default's (a stage
+    # is half the OTS schedule, as in the default). R50@1x trains 1000 iterations so that it beats the
+    # longer-trained student. About 110 minutes on 2 CPU cores (78 measured for the
+    # rows); it tests whether MTPD's deficit comes from the default's unconverged student (RESULTS.md).
     "converged": dict(n_train=800, n_val=200, size=128, batch=8, lr=3e-4, lam=3.0, k=2, cost_images=64,
                       inherit=True, adapter="auto", margin=0.03,
                       student=model("student", "retinanet_r18", 0.5, **SMALL), student_steps=5000, stage_steps=2500,
