@@ -84,3 +84,21 @@ PY
   seq mtpd_one_schedule one "$OUT" "$FAST/ots.pt" "$R50" "$R18"
   seq r18_twice restart "$OUT" "$FAST/ots.pt" "$R18" "$R18"
 fi
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 3 (RESULTS.md "A converged OTS student"): after `python train.py --preset converged`, stages as long
+# as the OTS schedule (5000): MTPD through BGS's order, 5000 + 5000, and direct from R18@1x, 10000, as
+# `distill` cells at the preset's lam and inheriting. Run as `bash study.sh converged`; about 50 minutes.
+if [ "${1:-}" = converged ]; then
+  C=${CONVERGED:-runs/converged/ckpt}; OUT=${OUT_CONVERGED:-runs/converged_s5000}; mkdir -p "$OUT"
+  ccell() {
+    local name=$1 steps=$2; shift 2
+    python train.py distill --student "$C/ots.pt" --keep-order --seed 635 --steps "$steps" --lam 3 --inherit \
+      --resume --ckpt-every 500 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
+    python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
+m = torch.load(f, weights_only=True)['metrics']; \
+print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
+  }
+  ccell mtpd   5000  --teachers "$C/r50@1x.pt" "$C/r18@1x.pt"
+  ccell direct 10000 --teachers "$C/r18@1x.pt"
+fi
