@@ -606,10 +606,11 @@ def cost_matrix(models, dataset, n_images, device, batch=8):
                 yield split, {k: float32(fpn_features(m, images)) for k, m in models.items()}
                 seen += len(images)
 
-    cost = from_main(mtpd.adaptation_costs(batches()))
-    for k, m in models.items():
-        m.train(modes[k])
-    return cost
+    try:
+        return from_main(mtpd.adaptation_costs(batches()))
+    finally:
+        for k, m in models.items():
+            m.train(modes[k])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -121,7 +121,6 @@ def test_fast_path_is_deterministic_fused_and_saves_plain_float32(zoo, tmp_path)
     assert (fast[w] - plain[w]).abs().mean() < (plain[w] - start[w]).abs().mean()
 
 
-
 def test_cost_matrix_leaves_the_models_as_they_came(zoo):
     """The cost matrix only reads the models: a student in training mode stays trainable (distill trains it
     next), a frozen teacher stays frozen."""
@@ -151,6 +150,7 @@ def test_distill_with_bgs_trains_the_student(zoo, tmp_path):
     start = torch.load(base / "s.pt", weights_only=True)["model"]
     trained = torch.load(out / "student.pt", weights_only=True)
     assert any(not torch.equal(trained[k], start[k]) for k in start if start[k].is_floating_point())
+
 
 def test_fused_adamw_matches_the_plain_one():
     """engine.adamw(fused=True) takes the same steps as torch's default AdamW (to float rounding)."""

@@ -57,8 +57,8 @@ PRESETS = {  # measured on 2 CPU cores (RESULTS.md): tiny about a minute
     # teacher must beat the longer-trained student by `margin` AP, the first teacher's neck and head are
     # inherited (the authors' code), the L2 pooled over levels by pixels. Sized from measurements (RESULTS.md):
     # a stage is half the OTS schedule, since each OTS-length stage would take the run past 30 minutes (a
-    # converged OTS student, 5000 iterations, is the `converged` preset, below); lam = 3: on three seeds direct - long
-    # was +4.8 +- 0.3 AP at lam 3 and +3.5 +- 0.3 at lam 1, and MTPD 46.4 against 46.1.
+    # converged OTS student, 5000 iterations, is the `converged` preset, below); lam = 3: on three seeds
+    # direct - long was +4.8 +- 0.3 AP at lam 3 and +3.5 +- 0.3 at lam 1, and MTPD 46.4 against 46.1.
     "default": dict(n_train=800, n_val=200, size=128, batch=8, lr=3e-4, lam=3.0, k=2, cost_images=64,
                     inherit=True, adapter="auto", margin=0.03,
                     student=model("student", "retinanet_r18", 0.5, **SMALL), student_steps=800, stage_steps=400,
@@ -365,7 +365,8 @@ def get_args_parser():
                      help="the plain path: float32, NCHW, per-parameter AdamW, a teacher forward at every step")
     run.add_argument("--cache-gib", type=float, default=2.0,
                      help="memory for one teacher's cached features (fast path; default 2 GiB)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the backbones (slow start; failed on CUDA with torch 2.11, see DETAILS.md)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the backbones (slow start; failed on CUDA with torch 2.11, see DETAILS.md)")
     data_arg = parent()
     data_arg.add_argument("--data", help="COCO-format root (default: the built-in shapes benchmark)")
     training = parent()  # the commands that train
