@@ -1,7 +1,7 @@
 """bench.py: what distillation and the method's own machinery cost, as ratios measured side by side.
 
     python bench.py --quick              # about 5 minutes on 2 CPU cores; writes bench.json
-    python bench.py --device cuda        # on a GPU: also fp32 vs bf16+channels_last images/s
+    python bench.py --device cuda        # on a GPU: also fp32 vs the low precision auto picks, images/s
 
 Every figure is a ratio of two timings taken in the same process, interleaved, median of several repeats
 after warm-up (absolute times on shared machines are noise). Peak memory is measured in two separate
@@ -69,22 +69,24 @@ def stage(student, teachers, images, lam=1.0):
 # ---------------------------------------------------------------------------------------------------------
 # P1: a distillation step vs a student step plus a teacher forward, on the same batch.
 # ---------------------------------------------------------------------------------------------------------
-def p1(device, size, batch, repeats, bf16=False, channels_last=False):
-    fmt = torch.channels_last if channels_last else torch.preserve_format
+def p1(device, size, batch, repeats, precision="fp32"):
+    fmt = engine.memory_format(precision)
     images, targets = fake_batch(batch, size, device)
     student = detector("retinanet_r18", 0.5, size, device).to(memory_format=fmt)
     teacher = mtpd.freeze(detector("retinanet_r50", 1.0, size, device).to(memory_format=fmt))
     plain, dist = stage(student, [], images), stage(student, [teacher], images)
 
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
     def student_step():
-        engine.train_step(*plain, images, targets, bf16, RECIPE["clip"])
+        engine.train_step(*plain, images, targets, precision, RECIPE["clip"], scaler)
 
     def teacher_forward():
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), engine.autocast(device, precision):
             fpn_features(teacher, images)
 
     def distill_step():
-        engine.train_step(*dist, images, targets, bf16, RECIPE["clip"])
+        engine.train_step(*dist, images, targets, precision, RECIPE["clip"], scaler)
 
     fns = {"student": student_step, "teacher": teacher_forward, "distill": distill_step}
     for fn in fns.values():  # warm-up (allocator, cudnn autotuning)
@@ -101,7 +103,7 @@ def p1(device, size, batch, repeats, bf16=False, channels_last=False):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# P7: the plain float32 path vs the fast path (train.py's default; --fp32 is the plain one), per step.
+# P7: the plain float32 path vs what --precision auto runs on this machine, per step, and each switch alone.
 # P8: the teacher's share of a distillation step, with its forward and with its features cached.
 # ---------------------------------------------------------------------------------------------------------
 def interleaved(fns, device, repeats):
@@ -115,53 +117,68 @@ def interleaved(fns, device, repeats):
     return {k: statistics.median(v) for k, v in t.items()}
 
 
+# mode -> (precision, channels_last, fused AdamW): the plain path, each switch alone, and the low precision
+P7_MODES = {"plain": ("fp32", False, False), "fused": ("fp32", False, True), "fp32_cl": ("fp32", True, True),
+            "bf16": ("bf16", True, True)}
+
+
 def p7(device, size, batch, repeats):
-    """Training and evaluation, plain vs fast, for the student (R18 at 0.5x) and a teacher (R18 at 1x).
-    Plain (--fp32): float32, NCHW, the per-parameter AdamW. Fast (the default): bf16 autocast,
-    channels_last, fused AdamW; 'fused' alone is reported too, to show what each part brings."""
+    """Training and evaluation for the student (R18 at 0.5x) and a teacher (R18 at 1x) in each of P7_MODES
+    and in what --precision auto picks here ('auto': its precision, channels_last with bf16/fp16, fused
+    AdamW). p7_train_<who> = plain / auto: what auto gains over plain float32 on this machine (>= 1.0
+    wherever auto picks right); p7_bf16_vs_fp32_<who>: the bf16 step against the fused float32 one (> 1:
+    bf16 is slower here)."""
     images, targets = fake_batch(batch, size, device)
-    out = {}
+    precision, why = engine.choose_precision(device, "auto")
+    modes = {**P7_MODES, "auto": (precision, precision != "fp32", True)}
+    if device.type == "cuda":
+        modes["fp16"] = ("fp16", True, True)
+    out = {"auto_precision": precision, "auto_reason": why}
     for who, (name, scale) in {"student": ("retinanet_r18", 0.5), "teacher": ("retinanet_r18", 1.0)}.items():
         fns, evals = {}, {}
-        for mode in ("plain", "fused", "fast"):
+        for mode, (prec, cl, fused) in modes.items():
             torch.manual_seed(0)
-            low = mode == "fast"
-            m = detector(name, scale, size, device).to(memory_format=torch.channels_last if low else
-                                                       torch.contiguous_format)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            m = detector(name, scale, size, device).to(memory_format=fmt)
             m_, _, _, params = stage(m, [], images)
-            opt = engine.adamw(params, 1e-4, RECIPE["weight_decay"], fused=mode != "plain")
+            opt = engine.adamw(params, 1e-4, RECIPE["weight_decay"], fused=fused)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-            fns[mode] = lambda s=(m_, opt, sched, params), low=low: engine.train_step(*s, images, targets, low,
-                                                                                      RECIPE["clip"])
+            scaler = torch.amp.GradScaler(device.type) if prec == "fp16" else None
+            fns[mode] = lambda s=(m_, opt, sched, params), p=prec, sc=scaler: engine.train_step(
+                *s, images, targets, p, RECIPE["clip"], sc)
             if mode != "fused":
-                e = detector(name, scale, size, device).eval()
-                e = e.to(memory_format=torch.channels_last) if low else e
+                e = detector(name, scale, size, device).eval().to(memory_format=fmt)
 
-                def run(e=e, bf16=low):
-                    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                def run(e=e, p=prec):
+                    with torch.no_grad(), engine.autocast(device, p):
                         e(images)
                 evals[mode] = run
         t, te = interleaved(fns, device, repeats), interleaved(evals, device, repeats)
         out[who] = {"train_s": t, "eval_s": te}
-        out[f"p7_train_{who}"] = t["plain"] / t["fast"]
+        out[f"p7_train_{who}"] = t["plain"] / t["auto"]
         out[f"p7_train_{who}_fused_only"] = t["plain"] / t["fused"]
-        out[f"p7_eval_{who}"] = te["plain"] / te["fast"]
+        out[f"p7_train_{who}_fp32_channels_last"] = t["fused"] / t["fp32_cl"]
+        out[f"p7_bf16_vs_fp32_{who}"] = t["bf16"] / t["fused"]
+        out[f"p7_eval_{who}"] = te["plain"] / te["auto"]
     return out
 
 
 def p8(device, size, batch, repeats):
-    """A distillation step of the student from an R50 teacher on the fast path: the teacher's share with
-    its forward at every step and with its features cached; and what filling the cache costs."""
+    """A distillation step of the student from an R50 teacher in the precision auto picks: the teacher's
+    share with its forward at every step and with its features cached; and what filling the cache costs."""
+    precision, _ = engine.choose_precision(device, "auto")
     images, targets = fake_batch(batch, size, device)
     targets = [dict(t, image_id=i, flipped=False) for i, t in enumerate(targets)]
-    student = detector("retinanet_r18", 0.5, size, device).to(memory_format=torch.channels_last)
-    teacher = mtpd.freeze(detector("retinanet_r50", 1.0, size, device).to(memory_format=torch.channels_last))
+    fmt = engine.memory_format(precision)
+    student = detector("retinanet_r18", 0.5, size, device).to(memory_format=fmt)
+    teacher = mtpd.freeze(detector("retinanet_r50", 1.0, size, device).to(memory_format=fmt))
     adapters = engine.make_adapters(student, [teacher], images)[0]
 
     def fill():
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+        with torch.no_grad(), engine.autocast(device, precision):
             feats = fpn_features(teacher, images)
-        return engine.FeatureCache({(i, False): {int(s): feats[int(s)][i].half() for s in adapters[0]}
+        keep = torch.float32 if precision == "fp32" else torch.float16  # as engine.teacher_cache keeps them
+        return engine.FeatureCache({(i, False): {int(s): feats[int(s)][i].to(keep) for s in adapters[0]}
                                     for i in range(len(images))},
                                    {(i, False): feats.sizes[i] for i in range(len(images))})
 
@@ -169,11 +186,13 @@ def p8(device, size, batch, repeats):
     steps = {}
     for mode, caches in (("student", None), ("forward", None), ("cached", [cache])):
         teachers = [] if mode == "student" else [teacher]
-        m = engine.Distilled(student.train(), teachers, adapters if teachers else [], 1.0, None, True, caches)
+        m = engine.Distilled(student.train(), teachers, adapters if teachers else [], 1.0, None, precision, caches)
         params = [p for p in m.parameters() if p.requires_grad]
         opt = engine.adamw(params, 1e-4, RECIPE["weight_decay"], fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        steps[mode] = lambda s=(m, opt, sched, params): engine.train_step(*s, images, targets, True, RECIPE["clip"])
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        steps[mode] = lambda s=(m, opt, sched, params), sc=scaler: engine.train_step(*s, images, targets, precision,
+                                                                                     RECIPE["clip"], sc)
     t = interleaved({**steps, "fill": fill}, device, repeats)
     per_image = cache.nbytes() / len(images)
     return {"p8_teacher_share_cached": (t["cached"] - t["student"]) / t["cached"],
@@ -304,7 +323,7 @@ def mem_worker(mode, device, size, batch, steps):
     m, opt, sched, params = stage(student, [teacher] if mode == "distill" else [], images)
 
     def work():
-        engine.train_step(m, opt, sched, params, images, targets, False, RECIPE["clip"])
+        engine.train_step(m, opt, sched, params, images, targets, "fp32", RECIPE["clip"])
         if mode == "plain":
             with torch.no_grad():
                 fpn_features(teacher, images)
@@ -344,7 +363,7 @@ def p4(device, size, batch, repeats):
     student = detector("retinanet_r18", 0.5, size, device)
     teacher = mtpd.freeze(detector("retinanet_r50", 1.0, size, device))
     m, opt, sched, params = stage(student, [teacher], images)
-    engine.train_step(m, opt, sched, params, images, targets, False, RECIPE["clip"])  # one real distillation step
+    engine.train_step(m, opt, sched, params, images, targets, "fp32", RECIPE["clip"])  # one real distillation step
     m.hook.remove()
     exported = engine.build(engine.make_spec("s", "retinanet_r18", 0.5, size, [1, 2, 3, 5, 8], **SMALL))
     exported.load_state_dict(student.state_dict(), strict=True)  # what student.pt holds
@@ -382,9 +401,10 @@ def main():
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
            "size": size, "batch": args.batch, "torch": torch.__version__}
     res.update(p1(device, size, args.batch, reps))
-    if device.type == "cuda":  # the fast path: bf16 autocast + channels_last
-        fast = p1(device, size, args.batch, reps, bf16=True, channels_last=True)
-        res["cuda_fast"] = fast
+    low, _ = engine.choose_precision(device, "auto")
+    if device.type == "cuda" and low != "fp32":  # the low precision auto picks there, channels_last
+        fast = p1(device, size, args.batch, reps, low)
+        res["cuda_fast"] = dict(fast, precision=low)
         res["cuda_fast_speedup_distill"] = fast["images_per_s_distill"] / res["images_per_s_distill"]
     res.update(p7(device, size, args.batch, reps))
     res.update(p8(device, size, args.batch, reps))
@@ -397,19 +417,24 @@ def main():
     engine.save_json(args.out, res)
     goals = {"p1_distill_step_ratio": "<= 1.10", "p2_cost_vs_forward_ratio": "<= 1.3", "p2_sgd_speedup": ">= 10",
              "p2_sgd_loss_ratio": "<= 1.0", "p3_peak_mem_ratio": "<= 1.10", "p4_param_ratio": "= 1.0",
-             "p4_latency_ratio": "= 1.0 (noise)", "p7_train_student": ">= 1.5", "p7_train_teacher": ">= 1.5",
-             "p7_eval_student": "> 1", "p7_eval_teacher": "> 1", "p8_teacher_share_cached": "<= 0.2"}
-    print(f"device {res['device']}, {size} px, batch {args.batch}")
+             "p4_latency_ratio": "= 1.0 (noise)", "p7_train_student": ">= 1.0", "p7_train_teacher": ">= 1.0",
+             "p7_eval_student": ">= 1.0", "p7_eval_teacher": ">= 1.0", "p8_teacher_share_cached": "<= 0.2"}
+    print(f"device {res['device']}, {size} px, batch {args.batch}; auto precision {res['auto_precision']}: "
+          f"{res['auto_reason']}")
     for k, g in goals.items():
         print(f"{k:28s} {res[k]:8.3f}   goal {g}")
     for n, r in res["cost_scaling"].items():
         print(f"cost matrix, {n} models: {r['cost_s']:.2f} s = {r['ratio']:.2f} x their forwards")
     if "cuda_fast" in res:
-        print(f"bf16+channels_last: distill {res['cuda_fast']['images_per_s_distill']:.0f} img/s vs fp32 "
+        fast = res["cuda_fast"]
+        print(f"{fast['precision']}+channels_last: distill {fast['images_per_s_distill']:.0f} img/s vs fp32 "
               f"{res['images_per_s_distill']:.0f} ({res['cuda_fast_speedup_distill']:.2f}x); P1 "
               f"{res['cuda_fast']['p1_distill_step_ratio']:.3f}")
     print(f"fused AdamW alone: student {res['p7_train_student_fused_only']:.2f}x, teacher "
-          f"{res['p7_train_teacher_fused_only']:.2f}x the plain step")
+          f"{res['p7_train_teacher_fused_only']:.2f}x the plain step; channels_last in float32: "
+          f"{res['p7_train_student_fp32_channels_last']:.2f}x, {res['p7_train_teacher_fp32_channels_last']:.2f}x")
+    print(f"a bf16 step takes {res['p7_bf16_vs_fp32_student']:.2f}x (student), "
+          f"{res['p7_bf16_vs_fp32_teacher']:.2f}x (teacher) the fused float32 step here")
     print(f"P8 with the teacher's forward at every step: {res['p8_teacher_share_forward']:.2f} of the step; cached "
           f"steps are {res['p8_cached_vs_forward_speedup']:.2f}x faster; filling costs "
           f"{res['p8_fill_per_image_vs_step']:.2f} cached steps per image; the default data's cache "

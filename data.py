@@ -288,6 +288,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, root, split, flip=False, masks=True):
         self.root, self.split, self.flip, self.masks = root, split, flip, masks
+        self.augmentations = ("hflip",) if flip else ()  # what engine.teacher_cache checks before caching
         path = os.path.join(root, "annotations", f"instances_{split}2017.json")
         self.coco = read_annotations(path, os.path.join(root, f"{split}2017"))
         self.ids = sorted(self.coco.imgs)
@@ -364,15 +365,17 @@ SUMMARY_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 
 
 @torch.no_grad()
-def predict(model, loader, category_ids, device, progress=False, bf16=False):
+def predict(model, loader, category_ids, device, progress=False, precision="fp32"):
     """Run `model` (eval mode) over `loader`; return COCO-format results lists for bbox and segm
     (segm empty when the model predicts no masks), with labels mapped back to the original category ids.
-    bf16: under bfloat16 autocast (the fast path; the anchors stay float32, see models.Float32Anchors)."""
+    precision: 'fp32', or 'bf16' / 'fp16' for the forward under that autocast (the anchors, boxes and
+    scores stay float32: models.py)."""
     from tqdm import tqdm
     model.eval()
     bbox, segm = [], []
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, low or torch.bfloat16, enabled=low is not None):
             outputs = model([im.to(device, non_blocking=True) for im in images])
         for out, tgt in zip(outputs, targets):
             b = out["boxes"].float().cpu()
@@ -419,10 +422,10 @@ def score(coco_gt, bbox, segm=()):
     return out
 
 
-def evaluate(model, loader, device, progress=False, bf16=False):
+def evaluate(model, loader, device, progress=False, precision="fp32"):
     """score() of `model`'s detections on loader.dataset (a CocoDetection)."""
     ds = loader.dataset
-    return score(ds.coco, *predict(model, loader, ds.category_ids, device, progress, bf16))
+    return score(ds.coco, *predict(model, loader, ds.category_ids, device, progress, precision))
 
 
 def write_results(path, results):

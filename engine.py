@@ -74,17 +74,75 @@ def from_main(obj):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Precision, chosen by the machine: low precision only where the device computes it natively.
+# ---------------------------------------------------------------------------------------------------------
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _native(device, precision):
+    """(native, what the device is): whether `device` computes `precision` natively. A CPU asks oneDNN (AVX-512
+    BF16 / AMX; without it, bf16 and fp16 are emulated and several times slower than float32); a GPU asks
+    for tensor cores of that type (bf16 from Ampere on; fp16 from Volta on; pre-Ampere GPUs emulate bf16)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        name = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+        return (major >= 8 if precision == "bf16" else major >= 7), name
+    probe = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[precision]
+    try:
+        native = bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        native = False
+    return native, f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def choose_precision(device, asked="auto"):
+    """(precision, the reason in words): 'bf16', 'fp16' (autocast with a GradScaler) or 'fp32'.
+    auto: bf16 where the device computes it natively, else fp16 on a GPU with fp16 tensor cores, else
+    float32. A precision asked for runs as asked; the reason then says when it is emulated (slow) here."""
+    if asked not in PRECISIONS:
+        fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {asked}")
+    if asked == "fp32":
+        return "fp32", "float32, as asked (--precision fp32)"
+    if asked != "auto":
+        native, what = _native(device, asked)
+        slow = "" if native else f"; {what} has no native {asked}: expect several times float32's step time"
+        return asked, f"{asked} autocast, as asked (--precision {asked}){slow}"
+    bf16, what = _native(device, "bf16")
+    if bf16:
+        return "bf16", f"bf16 autocast: {what} computes bfloat16 natively (--precision fp32 for float32)"
+    if device.type == "cuda" and _native(device, "fp16")[0]:
+        return "fp16", f"fp16 autocast with a GradScaler: {what} has fp16 but no bf16 tensor cores"
+    return "fp32", f"float32: {what} has no native bfloat16, where bf16 runs several times slower"
+
+
+def autocast(device, precision):
+    """The autocast context of a precision (disabled for fp32). The feature loss, the anchors, P6/P7 and the
+    boxes stay float32 under it (mtpd.feature_loss, models.py)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, DTYPES[precision], enabled=precision != "fp32")
+
+
+def memory_format(precision):
+    """channels_last where it measurably helps: with bf16/fp16 autocast (oneDNN's and the tensor cores'
+    layout); in float32 on a CPU it made the student's step slower (RESULTS.md, bench.py P7)."""
+    return torch.preserve_format if precision == "fp32" else torch.channels_last
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Data.
 # ---------------------------------------------------------------------------------------------------------
 class Batches(torch.utils.data.Sampler):
-    """Endless training batches (lists of indices) whose order is a pure function of (seed, iteration):
-    pass e over the data is a permutation seeded by (seed, e), dealt out across torchrun ranks. So a run
-    resumed at iteration `start` sees exactly the batches the uninterrupted run saw, without loading the
-    skipped images. len() is the number of batches per pass (per rank)."""
+    """Endless training batches (lists of indices) whose order is a pure function of (seed, iteration).
+    Under torchrun each rank owns a fixed shard of the images (every world-th one, `shard`), so that it
+    caches the teacher features of its own images only; pass e over a shard is a permutation seeded by
+    (seed, e). A run resumed at iteration `start` sees exactly the batches the uninterrupted run saw,
+    without loading the skipped images. len() is the number of batches per pass (per rank)."""
 
     def __init__(self, n, batch, seed=0, start=0):
         self.n, self.batch, self.seed, self.start = n, batch, seed, start
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+        self.shard = torch.arange(self.rank, n, self.world)  # this rank's images
         self.per_pass = max(1, (n // self.world) // batch)
 
     def __len__(self):
@@ -94,8 +152,8 @@ class Batches(torch.utils.data.Sampler):
         step = self.start
         while True:
             epoch, i = divmod(step, self.per_pass)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            mine = perm[self.rank::self.world]  # this rank's share of the pass
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            mine = self.shard[torch.randperm(len(self.shard), generator=g)]  # one process: a permutation of all
             yield mine[i * self.batch:(i + 1) * self.batch].tolist()
             step += 1
 
@@ -227,11 +285,11 @@ class Distilled(nn.Module):
     training-only adapters and the mechanisms' learnable parts (§3.4; None for the L2). Teachers are a
     plain list, not submodules: frozen, one replica per rank, never synchronised and never in the
     optimiser. forward(images, targets) -> loss dict (§3.1).
-    teacher_bf16: the teachers' no-grad forwards under bfloat16 autocast (the fast path; the feature loss
+    precision: the teachers' no-grad forwards run under its autocast (see choose_precision; the feature loss
     is float32 all the same). caches: one per teacher, None or a FeatureCache (teacher_cache) that
     replaces that teacher's forward by a look-up of its features for each (image, flip)."""
 
-    def __init__(self, student, teachers, adapters, lam, mechs=None, teacher_bf16=False, caches=None):
+    def __init__(self, student, teachers, adapters, lam, mechs=None, precision="fp32", caches=None):
         super().__init__()
         self.student, self.adapters, self.teachers, self.lam = student, nn.ModuleList(adapters), teachers, lam
         self.mechs = nn.ModuleList(mechs) if mechs is not None else None
@@ -240,7 +298,7 @@ class Distilled(nn.Module):
         self.boxes = input_boxes if uses_boxes else None
         self.feats, self.hook = mtpd.capture_features(student.backbone, student.transform)
         self.levels = {}  # stride -> this step's feature loss at that level (tensors, read when logging)
-        self.teacher_bf16 = teacher_bf16
+        self.precision = precision
         self.caches = {id(t): c for t, c in zip(teachers, caches or [None] * len(teachers))}
 
     def forward(self, images, targets):
@@ -250,7 +308,7 @@ class Distilled(nn.Module):
             cache = self.caches[id(teacher)]
             if cache is not None:
                 return cache.lookup(targets, images[0].device)
-            with torch.autocast(images[0].device.type, torch.bfloat16, enabled=self.teacher_bf16):
+            with autocast(images[0].device, self.precision):
                 return fpn_features(teacher, images)
 
         return mtpd.distill_losses(self.student, images, targets, self.feats, self.teachers, list(self.adapters),
@@ -260,19 +318,19 @@ class Distilled(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The fast path's cache of teacher features. A teacher is frozen and the data have one augmentation (a
-# flip), so its features of each (image, flip) are the same at every iteration of a stage, and of every
-# stage and row that uses it: computed once, in one pass over the training set, they replace the
-# teacher's forward (about as long as the student's whole training step for an R50 teacher).
+# The cache of teacher features. A teacher is frozen and the data have one augmentation (a flip), so its
+# features of each (image, flip) are the same at every iteration of a stage, and of every stage and row
+# that uses it: computed once, in one pass over the training set, they replace the teacher's forward
+# (about as long as the student's whole training step for an R50 teacher), in any precision.
 # ---------------------------------------------------------------------------------------------------------
-CACHE_GIB = 2.0  # per teacher; train.py's --cache-gib sets it
-_caches = {}  # (checkpoint, dataset, strides, device, bf16) -> FeatureCache, reused across stages and rows
+_caches = {}  # what fixes a teacher's input and output (cache_key) -> FeatureCache, across stages and rows
 
 
 class FeatureCache:
-    """{(image_id, flipped): {stride: [C, h, w] float16}}; lookup stacks a batch's maps as float32.
-    float16 holds a bfloat16 value exactly within its range (8 significant bits of 11; a map with a value
-    beyond float16's range is kept in float32), and a float32 one (P6/P7) to ~5e-4."""
+    """{(image_id, flipped): {stride: [C, h, w]}}; lookup stacks a batch's maps as float32. Under bf16 or
+    fp16 the maps are kept in float16, which holds a bfloat16 value exactly within its range (8
+    significant bits of 11; a map with a value beyond float16's range is kept in float32) and the
+    float32 P6/P7 to ~5e-4; in float32 they stay float32, so a cached step computes the uncached one."""
 
     def __init__(self, maps, sizes):
         self.maps, self.sizes = maps, sizes  # sizes: (image_id, flipped) -> (h, w) in the teacher's frame
@@ -293,37 +351,71 @@ def _half(x):
     return h if torch.isfinite(h).all() else x.float()
 
 
+def cache_refusal(dataset):
+    """Why a teacher's features of `dataset` cannot be cached (a sentence), or None. The cache holds one map
+    per (image, flip): valid only when the flip is the data's only augmentation (CocoDetection declares
+    its `augmentations`) and all images have one size (a batch is padded to its largest image, so a
+    teacher's map of an image depends on the other images of its batch)."""
+    augmentations = getattr(dataset, "augmentations", None)
+    if augmentations is None or not hasattr(dataset, "load"):
+        return (f"the {type(dataset).__name__} dataset declares no `augmentations` and `load(index, flip)`, "
+                "so a cached map could differ from the teacher's map of the augmented image")
+    others = [a for a in augmentations if a != "hflip"]
+    if others:
+        return (f"the training data has augmentations besides the horizontal flip ({', '.join(others)}): "
+                "a teacher's map of an image changes from step to step")
+    if dataset.one_size() is None:
+        return ("the training images differ in size (each batch is padded to its largest image, so a "
+                "teacher's map depends on the batch)")
+    return None
+
+
+def cache_key(teacher, dataset, indices, strides, device, precision):
+    """What fixes a cached teacher's maps: its checkpoint, its input transform (sizes, padding,
+    normalisation), the images (dataset, this rank's shard) and their augmentation, the levels, the device
+    and the precision."""
+    t = teacher.transform
+    transform = (t.min_size, t.max_size, t.size_divisible, t.fixed_size, tuple(t.image_mean), tuple(t.image_std))
+    where = (getattr(dataset, "root", None), getattr(dataset, "split", None), len(dataset),
+             tuple(getattr(dataset, "augmentations", ())))
+    return (getattr(teacher, "source", None), transform, where, tuple(indices), tuple(strides), str(device),
+            precision)
+
+
 @torch.no_grad()
-def teacher_cache(teacher, dataset, strides, device, bf16, batch=8, desc="cache"):
-    """The FeatureCache of `teacher` on every training image, unflipped and flipped, at `strides` (the
-    levels the loss uses), computed as in training (same resizing and padding, bf16 autocast if `bf16`);
-    or None, with one line saying why, when it cannot stand in for the forward: images of different
-    sizes (a batch's padding then depends on its other images) or more than CACHE_GIB for this teacher.
-    A teacher loaded from a checkpoint (engine.load) is cached once per process and dataset."""
-    where = (getattr(dataset, "root", None), getattr(dataset, "split", None), len(dataset))
-    key = (getattr(teacher, "source", None), where, tuple(strides), str(device), bf16)
+def teacher_cache(teacher, dataset, strides, device, precision, batch=8, desc="cache", indices=None,
+                  limit_gib=2.0):
+    """The FeatureCache of `teacher` on the training images `indices` (default: all; under torchrun this
+    rank's shard, Batches.shard), unflipped and flipped, at `strides` (the levels the loss uses), computed
+    as in training (same resizing and padding, the precision's autocast); or None, with one line saying
+    why, when it cannot stand in for the forward (cache_refusal) or would take more than `limit_gib` for
+    this teacher (--cache-gib). A teacher loaded from a checkpoint (engine.load) is cached once per process
+    for what fixes its input (cache_key)."""
+    indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
+    key = cache_key(teacher, dataset, indices, strides, device, precision)
     if key[0] is not None and key in _caches:
         return _caches[key]
-    if not hasattr(dataset, "one_size") or dataset.one_size() is None:
+    why = cache_refusal(dataset)
+    if why:
         if is_main():
-            print(f"{desc}: teacher features not cached: the training images differ in size (each batch is "
-                  "padded to its largest image, so a teacher's map depends on the batch)")
+            print(f"{desc}: teacher features not cached: {why}; the teacher runs at every step")
         return None
-    items = [(i, flip) for i in range(len(dataset)) for flip in (False, True)]
-    maps, sizes, limit = {}, {}, CACHE_GIB * 2 ** 30
+    items = [(i, flip) for i in indices for flip in (False, True)]
+    maps, sizes, limit = {}, {}, limit_gib * 2 ** 30
+    keep = _half if precision != "fp32" else (lambda x: x.float())  # exact in float32, see FeatureCache
     for j in tqdm(range(0, len(items), batch), desc=desc, leave=False, disable=not is_main()):
         pairs = [dataset.load(i, flip) for i, flip in items[j:j + batch]]
         images = [im.to(device) for im, _ in pairs]
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        with autocast(device, precision):
             feats = fpn_features(teacher, images)
         for n, (_, t) in enumerate(pairs):
-            maps[(t["image_id"], t["flipped"])] = {s: _half(feats[s][n]) for s in strides}
+            maps[(t["image_id"], t["flipped"])] = {s: keep(feats[s][n]) for s in strides}
             sizes[(t["image_id"], t["flipped"])] = feats.sizes[n]
         need = FeatureCache(maps, sizes).nbytes() * len(items) / len(pairs) if j == 0 else 0
         if need > limit:  # estimated from the first batch, before filling the rest
             if is_main():
                 print(f"{desc}: teacher features not cached: they need {need / 2 ** 30:.2f} GiB, over the "
-                      f"{CACHE_GIB:g} GiB cache limit (--cache-gib); the teacher runs at every step")
+                      f"{limit_gib:g} GiB cache limit (--cache-gib); the teacher runs at every step")
             return None
     cache = FeatureCache(maps, sizes)
     if key[0] is not None:
@@ -371,24 +463,33 @@ def least_squares_adapters(student, teachers, adapters, dataset, device, n_image
         student.train(mode)
 
 
-def train_step(step_module, opt, sched, params, images, targets, bf16, clip):
-    """One optimisation step of a Distilled module (or its DDP wrapper), gradients clipped to the max-norm
-    `clip`. Returns the loss dict, still on the device: reading a value is a host-device sync, so the
-    caller does it only at log intervals."""
-    with torch.autocast(images[0].device.type, torch.bfloat16, enabled=bf16):
+def train_step(step_module, opt, sched, params, images, targets, precision, clip, scaler=None):
+    """One optimisation step of a Distilled module (or its DDP wrapper) under the precision's autocast,
+    gradients clipped to the max-norm `clip`. scaler: fp16's GradScaler (the loss is scaled so that small
+    gradients survive float16; a step with inf/NaN gradients is skipped and the scale lowered). Returns
+    the loss dict, still on the device: reading a value is a host-device sync, so the caller does it
+    only at log intervals."""
+    with autocast(images[0].device, precision):
         losses = step_module(images, targets)
     loss = sum(losses.values())
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(opt)
+        scaler.update()
     sched.step()
     return losses
 
 
 def adamw(params, lr, weight_decay, fused=False):
-    """AdamW. fused: one kernel for all parameters (the fast path) instead of a loop over them. A device
-    without the fused kernel falls back to the loop, with one line."""
+    """AdamW. fused: one kernel for all parameters instead of a loop over them (faster on a CPU as on a GPU,
+    in any precision: bench.py P7). A device without the fused kernel falls back to the loop, with one line."""
     params = list(params)
     if fused:
         try:
@@ -410,12 +511,14 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
     the widths match, 'conv': a learned 1x1 conv always, 'lstsq': a 1x1 conv that starts at the least-squares
     map from the student's levels to the teacher's, fitted on recipe['adapter_images'] training images, as
     the adaptation cost fits it: not in the paper), published (the mechanisms' published loss
-    weights instead of ours); fast, compile, every, resume (how it runs):
-    - fast: the fast path (train.py's default, off with --fp32), on a CPU as on CUDA: bfloat16 autocast
-      and channels_last for student and teachers (the feature loss, the anchors and P6/P7 stay float32),
-      fused AdamW, and with the L2 each teacher's features cached for the whole training set
-      (teacher_cache) instead of a forward per step. compile: torch.compile of the backbones in place
-      (state_dict keys do not change; on 2 CPU cores it took 100 s to compile and stepped slower).
+    weights instead of ours); precision, fused, cache, cache_gib, compile, every, resume (how it runs):
+    - precision: 'bf16', 'fp16' or 'fp32' (choose_precision picks it from the device): student and
+      teachers run under its autocast, in channels_last with bf16/fp16 (memory_format); the feature loss,
+      the anchors, P6/P7 and the boxes stay float32; fp16 adds a GradScaler.
+    - fused: fused AdamW. cache: with the L2, each teacher's features cached for the whole training set
+      (teacher_cache, at most cache_gib GiB per teacher) instead of a forward per step.
+    - compile: torch.compile of the backbones in place (state_dict keys do not change; on 2 CPU cores it
+      took 100 s to compile and stepped slower).
     - every, resume: every `every` iterations the whole training state (weights, adapters, optimiser,
       schedule, iteration, RNG) is written atomically to the file `state`; with resume a state found there
       is continued, and on a CPU the result is identical to an uninterrupted run.
@@ -427,11 +530,11 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
     Returns {train_det_loss: the mean detection loss over the last 20% of steps (§3.5 compares it with
     validation AP), distill_ratio_start / distill_ratio_end: feature loss / detection loss at the first
     logged iteration and over the last 20% (with teachers)}."""
-    fast, lam, every, resume = recipe["fast"], recipe["lam"], recipe["every"], recipe["resume"]
+    precision, lam, every, resume = recipe["precision"], recipe["lam"], recipe["every"], recipe["resume"]
     model.__dict__.pop("source", None)  # its weights will differ from the file's: never a cached teacher
     torch.manual_seed(seed + rank())  # augmentation differs per rank; the data order is shared
     loader.batch_sampler.seed, loader.batch_sampler.start = seed, 0
-    fmt = torch.channels_last if fast else torch.preserve_format
+    fmt = memory_format(precision)
     model.to(device, memory_format=fmt).train()
     teachers = [mtpd.freeze(t.to(device, memory_format=fmt)) for t in teachers]
     if recipe["compile"]:
@@ -453,20 +556,24 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
         except ValueError as e:  # no common FPN stride, nothing to inherit
             fail(f"cannot distil {desc}: {e}")
     caches = None
-    if teachers and fast and mechanism == "l2":  # a mechanism other than the L2 reads the exact map
-        caches = [teacher_cache(t, loader.dataset, [int(k) for k in a], device, True, loader.batch_sampler.batch,
-                                f"{desc} teacher {i + 1} features") for i, (t, a) in enumerate(zip(teachers, adapters))]
-    step_module = Distilled(model, teachers, adapters, lam, mechs, fast, caches).to(device, memory_format=fmt)
+    if teachers and recipe["cache"] and mechanism == "l2":  # a mechanism other than the L2 reads the exact map
+        caches = [teacher_cache(t, loader.dataset, [int(k) for k in a], device, precision, loader.batch_sampler.batch,
+                                f"{desc} teacher {i + 1} features", loader.batch_sampler.shard, recipe["cache_gib"])
+                  for i, (t, a) in enumerate(zip(teachers, adapters))]
+    step_module = Distilled(model, teachers, adapters, lam, mechs, precision, caches).to(device, memory_format=fmt)
     hook = step_module.hook
     params = [p for p in step_module.parameters() if p.requires_grad]
-    opt = adamw(params, recipe["lr"], recipe["weight_decay"], fused=fast)
+    opt = adamw(params, recipe["lr"], recipe["weight_decay"], fused=recipe["fused"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, recipe))
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     start, tail, ratios = 0, [], []
     if resuming:
         ck = read(state)
         step_module.load_state_dict(ck["weights"])  # the student and its adapters
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"][rank()])
         start, tail, ratios = ck["step"], ck["tail"], ck.get("ratios", [])
         print(f"{desc}: resumed at iteration {start} of {steps} from {state}")
@@ -483,7 +590,7 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-            losses = train_step(step_module, opt, sched, params, images, targets, fast, recipe["clip"])
+            losses = train_step(step_module, opt, sched, params, images, targets, precision, recipe["clip"], scaler)
             if step % 10 == 0 or step == steps - 1:  # read values (a host sync) only at log intervals
                 vals = {k: v.item() for k, v in losses.items()}
                 if not all(math.isfinite(v) for v in vals.values()):
@@ -507,6 +614,7 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
                 if distributed():
                     dist.all_gather_object(rng, torch.get_rng_state())
                 save(state, dict(weights=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                 scaler=scaler.state_dict() if scaler is not None else {},
                                  rng=rng or [torch.get_rng_state()], step=step + 1, tail=tail, ratios=ratios,
                                  desc=desc))
     finally:
@@ -515,7 +623,7 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
         for b in model.buffers():  # BatchNorm statistics: evaluate what rank 0 saves, on every rank
             dist.broadcast(b, 0)
     out = {"train_det_loss": sum(tail) / max(len(tail), 1)}
-    if teachers:  # which teachers were looked up in a cache (the fast path) rather than run
+    if teachers:  # which teachers were looked up in a cache rather than run
         out["cached_teachers"] = [c is not None for c in caches or [None] * len(teachers)]
     if ratios:
         end = [r for s, r in ratios if s >= 0.8 * steps] or [ratios[-1][1]]
@@ -535,7 +643,7 @@ def fit(model, spec, path, loader, val_loader, steps, device, seed, recipe, teac
     if steps:
         out = train_loop(model, loader, steps, device, seed, recipe, teachers, desc=desc, log=log, state=state,
                          snapshots=snapshots, mechanism=mechanism, inherit_first=inherit_first)
-    metrics = {**evaluate(model, val_loader, device, bf16=recipe["fast"]), **out, **(extra or {})}
+    metrics = {**evaluate(model, val_loader, device, recipe["precision"]), **out, **(extra or {})}
     save_ckpt(path, model, spec, metrics)
     discard(state)
     if log:
@@ -546,21 +654,20 @@ def fit(model, spec, path, loader, val_loader, steps, device, seed, recipe, teac
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: COCOeval on rank 0 over the detections of every rank.
 # ---------------------------------------------------------------------------------------------------------
-def evaluate(model, loader, device, progress=False, bf16=False):
-    """COCO metrics of `model` on the loader's data; bf16: the forward under bfloat16 autocast (fast path)."""
-    if bf16:
-        model.to(memory_format=torch.channels_last)
+def evaluate(model, loader, device, precision="fp32", progress=False):
+    """COCO metrics of `model` on the loader's data, the forward under the precision's autocast (the boxes
+    and scores are float32 all the same: models.py)."""
+    model.to(memory_format=memory_format(precision))
     try:
-        return _evaluate(model, loader, device, progress, bf16)
+        return _evaluate(model, loader, device, progress, precision)
     finally:
-        if bf16:
-            model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)
 
 
-def _evaluate(model, loader, device, progress, bf16):
+def _evaluate(model, loader, device, progress, precision):
     if not distributed():
-        return data.evaluate(model, loader, device, progress, bf16)
-    part = data.predict(model, loader, loader.dataset.category_ids, device, bf16=bf16)
+        return data.evaluate(model, loader, device, progress, precision)
+    part = data.predict(model, loader, loader.dataset.category_ids, device, precision=precision)
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, part)
     metrics = None
@@ -586,31 +693,50 @@ def float32(feats):
 def cost_matrix(models, dataset, n_images, device, batch=8):
     """d(a -> b) for every ordered pair of frozen `models` ({label: model}); the first half of the first
     `n_images` training images (in file order, no augmentation) fits the linear maps, the second half is
-    held out. One forward per model per batch. Every rank gets rank 0's matrix. The models are only read:
-    each is evaluated in eval mode and left as it came (a student goes on to train: `distill`)."""
+    held out. One forward per model per batch, in float32. Under torchrun each rank takes every world-th
+    image of each half and the ranks' statistics are summed (reduce_moments): every rank gets the
+    matrix of all the images. The models are only read: each is evaluated in eval mode and left as it
+    came (a student goes on to train: `distill`)."""
+    n = min(n_images, len(dataset))
+    if n < 2:
+        fail(f"adaptation costs need at least 2 training images (one to fit, one held out), got {n}")
+    r, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+    halves = {"fit": range(n // 2)[r::world], "held": range(n // 2, n)[r::world]}
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.to(device).eval()
-    subset = torch.utils.data.Subset(dataset, range(min(n_images, len(dataset))))
-    if len(subset) < 2:
-        fail(f"adaptation costs need at least 2 training images (one to fit, one held out), got {len(subset)}")
-    # batches no larger than half the images, so that both halves get at least one
-    loader = torch.utils.data.DataLoader(subset, min(batch, len(subset) // 2), collate_fn=data.collate)
-
-    def batches():
-        seen = 0
-        with torch.no_grad():
-            for images, _ in tqdm(loader, desc="cost", leave=False, disable=not is_main()):
-                split = "fit" if seen < len(subset) // 2 else "held"
-                images = [im.to(device) for im in images]
-                yield split, {k: float32(fpn_features(m, images)) for k, m in models.items()}
-                seen += len(images)
-
+    moments = {}
     try:
-        return from_main(mtpd.adaptation_costs(batches()))
+        with torch.no_grad():
+            for split, idx in halves.items():
+                loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch,
+                                                     collate_fn=data.collate)
+                for images, _ in tqdm(loader, desc=f"cost ({split})", leave=False, disable=not is_main()):
+                    images = [im.to(device) for im in images]
+                    feats = {k: float32(fpn_features(m, images)) for k, m in models.items()}
+                    mtpd.accumulate_moments(moments, split, feats)
     finally:
         for k, m in models.items():
             m.train(modes[k])
+    return mtpd.costs_from_moments(reduce_moments(moments))
+
+
+def reduce_moments(moments):
+    """The sum over torchrun ranks of mtpd.accumulate_moments' statistics (each rank saw its own images);
+    one process: unchanged. Keys can differ between ranks (images of other sizes), so the dicts are
+    gathered and merged rather than all-reduced tensor by tensor."""
+    if not distributed():
+        return moments
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: dict(m, zz=m["zz"].cpu()) for k, m in moments.items()})
+    total = {}
+    for part in parts:
+        for k, m in part.items():
+            if k in total:
+                total[k]["zz"] = total[k]["zz"] + m["zz"]
+            else:
+                total[k] = m
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------------

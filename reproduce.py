@@ -59,8 +59,8 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     cats = train_loader.dataset.category_ids
     inherit, published = p.get("inherit", False), recipe["published"]
 
-    def evaluate(model):  # the fast path evaluates under bf16 autocast
-        return engine.evaluate(model, val_loader, device, bf16=recipe["fast"])
+    def evaluate(model):  # in the run's precision, as training evaluates
+        return engine.evaluate(model, val_loader, device, recipe["precision"])
 
     def ckpt(label, folder=out):
         return os.path.join(folder, "ckpt", f"{label}.pt")
@@ -76,8 +76,8 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
                 "teachers": [os.path.basename(t) for t in teachers], "mechanism": mechanism}
         if teachers:
             made.update(lam=recipe["lam"], inherit=inherit_first, adapter=recipe["adapter"])
-        if recipe["fast"]:  # bf16, fused AdamW, cached features: another (equally valid) result
-            made["fast"] = True
+        if recipe["precision"] != "fp32":  # another (equally valid) result; float32 ones keep their records
+            made["precision"] = recipe["precision"]
         if os.path.isfile(ckpt(label, folder)):  # reuse: only its metrics are needed here
             metrics = engine.read(ckpt(label, folder))["metrics"]
             if metrics.get("recipe", made) != made:
@@ -208,7 +208,7 @@ def every_order(student, teachers, bgs, steps, out, train_loader, val_loader, lo
     index, so orders differ only by their teachers; inherit: the first stage inherits (models.inherit).
     Returns {teachers, stage_steps, rows, bgs, bgs_rank}."""
     check_setup(out, student, teachers, steps, recipe["lr"], recipe["lam"], seed, inherit,
-                recipe["adapter"], recipe["fast"])
+                recipe["adapter"], recipe["precision"])
 
     def run_prefix(prefix):
         path = os.path.join(out, "+".join(prefix) + ".pt")
@@ -227,12 +227,12 @@ def every_order(student, teachers, bgs, steps, out, train_loader, val_loader, lo
             "bgs_rank": analysis.rank_of(rows, bgs)}
 
 
-def check_setup(out, student, teachers, steps, lr, lam, seed, inherit=False, adapter="auto", fast=False):
+def check_setup(out, student, teachers, steps, lr, lam, seed, inherit=False, adapter="auto", precision="fp32"):
     """every_order's cache is keyed by teachers only: out/setup.json records the rest, and a folder that
     holds the orders of another setup is refused rather than silently reused."""
     setup = {"student": os.path.abspath(student), "steps": steps, "lr": lr, "lam": lam, "seed": seed,
              "teachers": {k: os.path.abspath(v) for k, v in teachers.items()}, "inherit": inherit, "adapter": adapter,
-             "fast": fast}
+             "precision": precision}
     path = os.path.join(out, "setup.json")
     if os.path.isfile(path) and json.load(open(path)) != setup:
         engine.fail(f"{out} holds the orders of another setup (student, teachers, steps, lr, lam or seed differ); "

@@ -1,4 +1,5 @@
-"""Tests of the training engine: the CUDA fast path's code on a CPU, torchrun/DDP, resume after a kill,
+"""Tests of the training engine: precision by the machine, bf16/fp16 paths on a CPU, the feature cache,
+torchrun/DDP, resume after a kill,
 atomic writes, safe loading and one-line errors. Run: python -m pytest -q"""
 import copy
 import json
@@ -20,15 +21,16 @@ from conftest import HERE, cli, run_cli, tiny_batch, tiny_detector
 from models import fpn_features
 
 
-def test_fast_path_bf16_channels_last_trains(shapes):
-    """The fast path (bf16 autocast for student and teacher, channels_last, fused AdamW, cached teacher
+def test_bf16_precision_channels_last_trains(shapes):
+    """--precision bf16 (bf16 autocast for student and teacher, channels_last, fused AdamW, cached teacher
     features) trains on a CPU, stays finite, and anchors stay float32 under autocast."""
     root, _ = shapes
     loader, _ = engine.loaders(root, 4, seed=1, masks=False)
     torch.manual_seed(0)
     model, teacher = tiny_detector(size=64), tiny_detector("retinanet_r34", size=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    engine.train_loop(model, loader, 2, torch.device("cpu"), 0, dict(train.RECIPE, lr=1e-3), [teacher])
+    engine.train_loop(model, loader, 2, torch.device("cpu"), 0, dict(train.RECIPE, lr=1e-3, precision="bf16"),
+                      [teacher])
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.isfinite(v.float()).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -58,9 +60,10 @@ def test_p6_p7_stay_float32_under_bf16_so_1x1_maps_get_finite_gradients():
 
 
 def test_cached_teacher_features_give_the_uncached_loss(shapes):
-    """The fast path's cache: every (image, flip) of the training set is stored once, and the L2 loss of a
-    distillation step from the cache equals the one from the teacher's forward within float16 rounding;
-    the flipped entry is the teacher's map of the flipped image, not of the original."""
+    """The cache: every (image, flip) of the training set is stored once; in float32 the L2 loss of a
+    distillation step from the cache equals the one from the teacher's forward (to float rounding), and
+    under bf16 the cache (float16) matches the bf16 forward; the flipped entry is the teacher's map of the
+    flipped image, not of the original."""
     root, _ = shapes
     ds = data.CocoDetection(root, "train", flip=True, masks=False)
     torch.manual_seed(0)
@@ -73,22 +76,23 @@ def test_cached_teacher_features_give_the_uncached_loss(shapes):
     strides = [int(k) for k in adapters[0]]
     with torch.no_grad():
         exact = fpn_features(teacher, images)
-    cache = engine.teacher_cache(teacher, ds, strides, torch.device("cpu"), bf16=False, batch=5)
+    cache = engine.teacher_cache(teacher, ds, strides, torch.device("cpu"), "fp32", batch=5)
     per_image = sum(exact[s][0].numel() for s in strides)
-    assert len(cache.maps) == 2 * len(ds) and cache.nbytes() == 2 * len(ds) * per_image * 2  # float16
-    assert engine.teacher_cache(teacher, ds, strides, torch.device("cpu"), bf16=False) is cache
+    assert len(cache.maps) == 2 * len(ds) and cache.nbytes() == 2 * len(ds) * per_image * 4  # float32
+    assert engine.teacher_cache(teacher, ds, strides, torch.device("cpu"), "fp32") is cache
     looked = cache.lookup(targets, torch.device("cpu"))
     for s in strides:
         assert looked[s].dtype == torch.float32 and looked[s].shape == exact[s].shape
-        torch.testing.assert_close(looked[s], exact[s], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(looked[s], exact[s], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         unflipped = fpn_features(teacher, [images[1].flip(-1)])[8][0]
     assert not torch.allclose(looked[8][1], unflipped, atol=1e-2)
     # the path training takes: filled under bf16 autocast, against the bf16 forward of the batch
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         exact16 = fpn_features(teacher, images)
-    low = engine.teacher_cache(teacher, ds, strides, torch.device("cpu"), bf16=True, batch=5).lookup(
-        targets, torch.device("cpu"))
+    low_cache = engine.teacher_cache(teacher, ds, strides, torch.device("cpu"), "bf16", batch=5)
+    assert low_cache is not cache and low_cache.nbytes() == cache.nbytes() // 2  # float16
+    low = low_cache.lookup(targets, torch.device("cpu"))
     for s in strides:
         torch.testing.assert_close(low[s], exact16[s].float(), rtol=2e-2, atol=2e-2)
     losses = {}
@@ -96,16 +100,112 @@ def test_cached_teacher_features_give_the_uncached_loss(shapes):
         step = engine.Distilled(student, [teacher], adapters, 1.0, caches=caches)
         losses[name] = step(images, targets)["distill"].item()
         step.hook.remove()
-    assert losses["cache"] == pytest.approx(losses["forward"], rel=1e-3) and losses["forward"] > 0
+    assert losses["cache"] == pytest.approx(losses["forward"], rel=1e-5) and losses["forward"] > 0
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    """auto: bf16 where the CPU's oneDNN or the GPU computes it natively, fp16 (with a GradScaler) on a GPU
+    with fp16 but no bf16 tensor cores, float32 otherwise, each with its reason; a forced precision runs
+    as asked and says when it is emulated."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda n=native: n)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        precision, why = engine.choose_precision(cpu)
+        assert precision == ("bf16" if native else "fp32")
+        assert ("no native bfloat16" in why) != native and "AVX2" in why
+        forced, why = engine.choose_precision(cpu, "bf16")
+        assert forced == "bf16" and ("several times" in why) != native
+    assert engine.choose_precision(cpu, "fp32")[0] == "fp32"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "GPU")
+    for capability, want in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        precision, why = engine.choose_precision(cuda)
+        assert precision == want, (capability, why)
+        assert f"sm_{capability[0]}{capability[1]}" in why
+        assert ("GradScaler" in why) == (want == "fp16")
+    with pytest.raises(engine.InputError, match="--precision must be one of"):
+        engine.choose_precision(cpu, "fp8")
+
+
+def test_cli_says_which_precision_runs_and_why(zoo, tmp_path, capsys, monkeypatch):
+    """Every command that runs a model prints one line with the precision and the reason; with the CPU's
+    native bf16 reported absent, auto runs float32."""
+    base, root = zoo
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    train.main(["eval", "--ckpt", str(base / "s.pt"), "--data", root, "--batch", "4"])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("precision")]
+    assert len(lines) == 1 and lines[0].startswith("precision fp32: float32:") and "no native bfloat16" in lines[0]
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    train.main(["cost", "--ckpts", str(base / "s.pt"), str(base / "t1.pt"), "--data", root, "--images", "4",
+                "--out", str(tmp_path / "cost.json")])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("precision")]
+    assert lines == [lines[0]] and lines[0].startswith("precision bf16: bf16 autocast:")
+
+
+def test_fp16_with_grad_scaler_trains_and_resumes_its_scale(shapes, tmp_path):
+    """--precision fp16 trains with a GradScaler (on a CPU here, as torch allows): finite weights that moved,
+    and the resume state carries the scaler's state."""
+    root, _ = shapes
+    loader, _ = engine.loaders(root, 4, seed=1, masks=False)
+    torch.manual_seed(0)
+    model, teacher = tiny_detector(size=64), tiny_detector("retinanet_r34", size=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = str(tmp_path / "state.pt")
+    engine.train_loop(model, loader, 3, torch.device("cpu"), 0,
+                      dict(train.RECIPE, lr=1e-3, precision="fp16", every=3), [teacher], state=state)
+    after = model.state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+    scaler = torch.load(state, weights_only=True)["scaler"]
+    assert scaler["scale"] > 0 and "growth_factor" in scaler
+
+
+def test_cache_is_refused_under_other_augmentations_and_keyed_by_the_input(shapes, capsys):
+    """The cache stands in for a teacher's forward only when the flip is the only augmentation: another
+    one is refused with one line; a teacher with another input transform gets its own cache; a shard
+    of the images caches only those images."""
+    root, _ = shapes
+    ds = data.CocoDetection(root, "train", flip=True, masks=False)
+    teacher = mtpd.freeze(tiny_detector("retinanet_r34"))
+    teacher.source = ("key-test.pt", 1)
+    cpu = torch.device("cpu")
+    ds.augmentations = ("hflip", "color_jitter")
+    assert engine.teacher_cache(teacher, ds, [8, 16], cpu, "fp32", desc="t") is None
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("t: teacher features not cached") and "color_jitter" in line and "\n" not in line
+    ds.augmentations = ("hflip",)
+    first = engine.teacher_cache(teacher, ds, [8, 16], cpu, "fp32", indices=[0, 2, 4])
+    assert sorted(first.maps) == [(ds.ids[i], f) for i in (0, 2, 4) for f in (False, True)]
+    teacher.transform.min_size = (32,)  # another input size: the cached maps would be wrong
+    second = engine.teacher_cache(teacher, ds, [8, 16], cpu, "fp32", indices=[0, 2, 4])
+    assert second is not first and second.maps[(ds.ids[0], False)][8].shape[-1] == 4
+
+
+def test_batches_give_each_rank_a_fixed_shard(monkeypatch):
+    """Under torchrun a rank draws its batches from its own shard of the images, every pass (so that it caches
+    only those); in one process the batches are the permutations of all images, as before shards existed."""
+    one = engine.Batches(10, 3, seed=7)
+    first = next(iter(one))
+    old = torch.randperm(10, generator=torch.Generator().manual_seed(7 * 100_003))[:3].tolist()
+    assert first == old
+    monkeypatch.setattr(engine, "distributed", lambda: True)
+    monkeypatch.setattr(engine.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(engine.dist, "get_world_size", lambda: 2)
+    rank1 = engine.Batches(10, 2, seed=7)
+    it = iter(rank1)
+    seen = {i for _ in range(20) for i in next(it)}
+    assert rank1.shard.tolist() == [1, 3, 5, 7, 9] and seen == {1, 3, 5, 7, 9}
 
 
 @pytest.mark.slow
-def test_fast_path_is_deterministic_fused_and_saves_plain_float32(zoo, tmp_path):
-    """The fast path (the default) vs --fp32 through `distill`: each is deterministic for a seed, they
-    train to different but close weights, and the exported student is a contiguous float32 state_dict."""
+def test_bf16_path_is_deterministic_and_saves_plain_float32(zoo, tmp_path):
+    """--precision bf16 vs fp32 through `distill`: each is deterministic for a seed, they train to
+    different but close weights, and the exported student is a contiguous float32 state_dict."""
     base, root = zoo
     outs = {}
-    for name, extra in (("fast1", []), ("fast2", []), ("fp32", ["--fp32"])):
+    for name, extra in (("fast1", ["--precision", "bf16"]), ("fast2", ["--precision", "bf16"]),
+                        ("fp32", ["--precision", "fp32"])):
         out = tmp_path / name
         r = run_cli("distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", "--keep-order",
                     "--steps", "3", "--batch", "4", "--data", root, "--out", out, *extra)
@@ -184,7 +284,7 @@ def test_torchrun_ddp_two_processes_train_and_evaluate(tmp_path):
         model = engine.build(spec)
         if label == "s":  # a student that already detects something, so that the AP comparison means something
             engine.train_loop(model, engine.loaders(root, 4, 0, masks=False)[0], 40, torch.device("cpu"), 0,
-                              dict(train.RECIPE, lr=2e-3, fast=False))
+                              dict(train.RECIPE, lr=2e-3))
         engine.save_ckpt(str(tmp_path / f"{label}.pt"), model, spec, {"AP": 0.5})
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -408,7 +508,8 @@ def test_cpu_training_is_deterministic_across_processes(zoo, tmp_path):
     for run in ("a", "b"):
         out = tmp_path / run
         r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "train", "--model", "retinanet_r18",
-                            "--epochs", "1", "--batch", "4", "--data", root, "--seed", "3", "--out", str(out)],
+                            "--epochs", "1", "--batch", "4", "--data", root, "--min-size", "64", "--seed", "3",
+                            "--out", str(out)],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(torch.load(out / "model.pt", weights_only=True)["model"])

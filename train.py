@@ -34,11 +34,12 @@ from report import table
 # of the iterations on (from scratch, decaying early hurts), gradients clipped at the official recipe's
 # max-norm. lam: the feature loss's weight; adapter: 'auto' (identity where the widths match, §3.1),
 # 'lstsq' (a 1x1 conv started at the least-squares map, fitted on adapter_images training images) or
-# 'conv'; published: the mechanisms' published loss weights. fast, compile, every, resume: how it runs
-# (engine.train_loop); the command line sets them, and --lr, --lam, --adapter override the rest.
+# 'conv'; published: the mechanisms' published loss weights. precision, fused, cache, cache_gib, compile,
+# every, resume: how it runs (engine.train_loop); the command line sets them (--precision auto resolves
+# to what the device computes natively: engine.choose_precision), and --lr, --lam, --adapter override the rest.
 RECIPE = dict(lr=3e-4, weight_decay=1e-4, warmup=50, drop_at=0.85, drop=0.1, clip=35.0,
               lam=1.0, adapter="auto", adapter_images=64, published=False,
-              fast=True, compile=False, every=100, resume=False)
+              precision="fp32", fused=True, cache=True, cache_gib=2.0, compile=False, every=100, resume=False)
 
 
 def model(label, name, scale, steps=None, **build):
@@ -112,16 +113,16 @@ def dataset_root(args, split="train"):
 
 
 def recipe(args, **run):
-    """RECIPE with this command's flags: the fast path unless --fp32 (engine.train_loop), --compile, the
-    resume state every --ckpt-every iterations (continued with --resume), and `run` (lr, lam, ...)."""
-    engine.CACHE_GIB = args.cache_gib
-    return dict(RECIPE, fast=not args.fp32, compile=args.compile, every=getattr(args, "ckpt_every", 0),
-                resume=getattr(args, "resume", False), **run)
+    """RECIPE with this command's flags: the precision main() chose (engine.choose_precision), the feature
+    cache (--no-cache) and its size, --compile, the resume state every --ckpt-every iterations (continued
+    with --resume), and `run` (lr, lam, ...)."""
+    return dict(RECIPE, precision=args.precision, cache=args.cache, cache_gib=args.cache_gib, compile=args.compile,
+                every=getattr(args, "ckpt_every", 0), resume=getattr(args, "resume", False), **run)
 
 
 def evaluate(model, loader, args):
-    """COCO metrics; on the fast path the forward runs under bf16 autocast (float32 with --fp32)."""
-    return engine.evaluate(model, loader, args.dev, bf16=not args.fp32)
+    """COCO metrics, the forward in the command's precision."""
+    return engine.evaluate(model, loader, args.dev, args.precision)
 
 
 def workers(args):
@@ -164,10 +165,10 @@ def cmd_train(args):
     if args.resume and os.path.isfile(final):
         print(f"{final} is complete; nothing to resume")
         return print(table({args.model: engine.read(final)["metrics"]}))
-    size = max(train_loader.dataset.coco.imgs[i]["height"] for i in train_loader.dataset.ids)
     ds = train_loader.dataset
-    spec = make_spec(args.label or args.model, args.model, args.scale, args.min_size or size, ds.category_ids,
-                     max_size=args.max_size or None, anchor_base=args.anchor_base or None,
+    sizes = input_sizes(args, ds)
+    spec = make_spec(args.label or args.model, args.model, args.scale, sizes["min_size"], ds.category_ids,
+                     max_size=sizes["max_size"], anchor_base=sizes["anchor_base"],
                      pretrained=bool(args.weights or args.weights_backbone))  # torchvision's fine-tuning recipe
     model = build(spec, args.seed)
     try:  # torchvision's COCO weights keep their rows of the data's categories when the names agree
@@ -181,6 +182,29 @@ def cmd_train(args):
     metrics = engine.fit(model, spec, final, train_loader, val_loader, args.epochs * len(train_loader), device,
                          args.seed, recipe(args, lr=args.lr), desc=args.model)
     print(table({args.model: metrics}))
+
+
+# torchvision's detection recipe: the transform's sizes and the finest anchor of its builders (RetinaNet
+# 32..512 with 3 scales, FCOS 8..128, Faster/Mask R-CNN 32..512), which their COCO weights were trained with.
+TORCHVISION_SIZES = dict(min_size=800, max_size=1333, anchor_base=32)
+
+
+def input_sizes(args, ds):
+    """min_size, max_size and anchor_base of a model `train` builds. With torchvision weights by name, those of
+    torchvision's builder (a flag that disagrees is refused); on --data, torchvision's recipe where no flag
+    is given; on the built-in benchmark, its square images' size and anchors from size / 8."""
+    flags = {k: getattr(args, k) for k in TORCHVISION_SIZES if getattr(args, k)}
+    if args.weights and not os.path.isfile(args.weights):
+        off = {k: v for k, v in flags.items() if v != TORCHVISION_SIZES[k]}
+        if off:
+            k, v = next(iter(off.items()))
+            fail(f"--{k.replace('_', '-')} {v} conflicts with {args.weights}, which torchvision trained with "
+                 f"{k.replace('_', ' ')} {TORCHVISION_SIZES[k]}; leave it out (or fine-tune from a file)")
+        return dict(TORCHVISION_SIZES)
+    if args.data:
+        return {**TORCHVISION_SIZES, **flags}
+    size = flags.get("min_size") or max(ds.coco.imgs[i]["height"] for i in ds.ids)
+    return dict(min_size=size, max_size=flags.get("max_size", size), anchor_base=flags.get("anchor_base", size // 8))
 
 
 def coco_indexed(source, cats):
@@ -211,9 +235,8 @@ def cmd_eval(args):
     if ds.category_ids != spec["category_ids"]:
         fail(f"{args.ckpt} was trained on categories {spec['category_ids']}, the data at {root} has "
              f"{ds.category_ids}: evaluate on data of the same categories")
-    if not args.fp32:  # the fast path, as the AP stored in the checkpoint was measured
-        model.to(memory_format=torch.channels_last)
-    bbox, segm = data.predict(model, val_loader, ds.category_ids, device, progress=True, bf16=not args.fp32)
+    model.to(memory_format=engine.memory_format(args.precision))
+    bbox, segm = data.predict(model, val_loader, ds.category_ids, device, progress=True, precision=args.precision)
     kinds = {"bbox": bbox, "segm": segm} if spec["name"].startswith("maskrcnn") else {"bbox": bbox}
     for iou_type, results in kinds.items():
         _, text = data.coco_summary(ds.coco, results, iou_type, text=True)
@@ -271,7 +294,7 @@ def cmd_order_all(args):
     check_classes(sspec, [spec for _, spec, _ in loaded.values()], train_loader.dataset.category_ids)
     check_writable(args.out)
     reproduce.check_setup(args.out, args.ckpt_student, teachers, args.steps, args.lr, args.lam, args.seed,
-                          fast=not args.fp32)
+                          precision=args.precision)
     models = {sspec["label"]: student, **{spec["label"]: m for m, spec, _ in loaded.values()}}
     cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), args.images, device)
     ap = {spec["label"]: met["AP"] if met.get("AP") is not None else evaluate(m, val_loader, args)["AP"]
@@ -321,10 +344,10 @@ def cmd_distill(args):
         fail(f"--mechanism takes one mechanism, or one per stage ({len(order)}), not {len(args.mechanism)}")
     mech = args.mechanism * len(order) if len(args.mechanism) == 1 else args.mechanism
     chosen = {"mechanisms": mech, "published": args.published_weights, "lam": args.lam, "inherit": args.inherit,
-              "adapter": args.adapter, "steps": args.steps, "fast": not args.fp32}
+              "adapter": args.adapter, "steps": args.steps, "precision": args.precision}
     if any(saved.get(k, v) != v for k, v in chosen.items()):
         fail(f"{args.out} was started with other --mechanism / --published-weights / --lam / --inherit / --adapter "
-             "/ --steps / --fp32: resume with the same")
+             "/ --steps / --precision: resume with the same")
     print(f"order: {' -> '.join(f'{t} ({m})' for t, m in zip(order, mech))}")
     save_json(order_path, {"student": sspec["label"], "order": order, **chosen})
 
@@ -361,10 +384,14 @@ def get_args_parser():
     run.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are deterministic)")
     run.add_argument("--batch", type=int, default=8, help="images per batch (per process under torchrun)")
     run.add_argument("--workers", type=int, default=-1, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
-    run.add_argument("--fp32", action="store_true",
-                     help="the plain path: float32, NCHW, per-parameter AdamW, a teacher forward at every step")
-    run.add_argument("--cache-gib", type=float, default=2.0,
-                     help="memory for one teacher's cached features (fast path; default 2 GiB)")
+    run.add_argument("--precision", default="auto", choices=engine.PRECISIONS,
+                     help="auto (default): bf16 where the device computes it natively, fp16 + GradScaler on a "
+                          "GPU without bf16, else float32; one line at start says which runs and why")
+    run.add_argument("--cache", action=argparse.BooleanOptionalAction, default=RECIPE["cache"],
+                     help="cache each teacher's features per (image, flip) instead of a forward per step "
+                          "(L2, one image size, flip only); --no-cache runs the teacher at every step")
+    run.add_argument("--cache-gib", type=float, default=RECIPE["cache_gib"],
+                     help="memory for one teacher's cached features (default 2 GiB)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the backbones (slow start; failed on CUDA with torch 2.11, see DETAILS.md)")
     data_arg = parent()
@@ -394,9 +421,13 @@ def get_args_parser():
     p.add_argument("--model", required=True, help=f"one of: {', '.join(ZOO)}")
     p.add_argument("--label", help="the model's name in costs and orders (default: --model)")
     p.add_argument("--scale", type=float, default=1.0, help="input resolution factor (0.25..1)")
-    p.add_argument("--min-size", type=int, default=0, help="base input size (default: the images' size)")
-    p.add_argument("--max-size", type=int, default=0, help="longest side (default: --min-size; COCO: 1333)")
-    p.add_argument("--anchor-base", type=int, default=0, help="finest anchor size (default: min size / 8; COCO: 32)")
+    p.add_argument("--min-size", type=int, default=0,
+                   help="shorter input side (default: 800 with --data or torchvision weights, as torchvision; "
+                        "the built-in images' size without --data)")
+    p.add_argument("--max-size", type=int, default=0, help="longest input side (default: 1333 with --data or "
+                                                            "torchvision weights; --min-size without --data)")
+    p.add_argument("--anchor-base", type=int, default=0, help="finest anchor size (default: 32 with --data or "
+                                                               "torchvision weights; min size / 8 without --data)")
     p.add_argument("--weights", help="torchvision weights name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1) or file")
     p.add_argument("--weights-backbone", help="ImageNet weights name (e.g. ResNet50_Weights.IMAGENET1K_V1) or file")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split (0: load and evaluate)")
@@ -462,6 +493,9 @@ def main(argv=None):
             args.dev = engine.init_distributed(args.device)  # one process, or one rank of torchrun
             if not engine.is_main():
                 sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
+            args.precision, why = engine.choose_precision(args.dev, args.precision)
+            if args.cmd != "order" or args.all:  # every command that runs a model says in what precision
+                print(f"precision {args.precision}: {why}")
         return {"train": cmd_train, "eval": cmd_eval, "cost": cmd_cost, "order": cmd_order,
                 "distill": cmd_distill, "reproduce": cmd_reproduce}[args.cmd](args)
     except (engine.InputError, data.DataError) as e:  # bad input: one line, no traceback, exit code 2
