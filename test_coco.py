@@ -343,3 +343,80 @@ def test_eval_prints_cocoeval_summary_writes_detections_and_latency(quirky, tmp_
     dets = json.load(open(tmp_path / "ev" / "detections_bbox.json"))
     assert dets and {d["category_id"] for d in dets} <= {3, 17, 90}
     assert os.listdir(tmp_path / "ev") == ["detections_bbox.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sizes and anchors on real data: torchvision's recipe, not the built-in benchmark's
+# ---------------------------------------------------------------------------------------------------------
+def write_vga(root, n_train=2, n_val=1):
+    """A COCO-format folder of 640x480 images (COCO's typical size), one box each, category ids 3 and 17."""
+    rng = np.random.default_rng(1)
+    for split, n in (("train", n_train), ("val", n_val)):
+        os.makedirs(os.path.join(root, f"{split}2017"))
+        images = [{"id": i + 1, "file_name": f"{i}.jpg", "height": 480, "width": 640} for i in range(n)]
+        for im in images:
+            Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(
+                os.path.join(root, f"{split}2017", im["file_name"]))
+        anns = [ann(i + 1, i + 1, 3 if i % 2 else 17, [[100, 100, 300, 100, 300, 250, 100, 250]]) for i in range(n)]
+        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+        json.dump({"images": images, "annotations": anns, "categories": [{"id": 3}, {"id": 17}]},
+                  open(ann_path(root, split), "w"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def vga(tmp_path_factory):
+    return write_vga(str(tmp_path_factory.mktemp("vga")))
+
+
+def recipe_of(model):
+    """What a detector's builder decides beyond its weights: input sizes, anchors, matching, proposals."""
+    anchors = model.rpn.anchor_generator if hasattr(model, "rpn") else model.anchor_generator
+    out = {"min_size": model.transform.min_size, "max_size": model.transform.max_size,
+           "anchor_sizes": anchors.sizes, "aspect_ratios": anchors.aspect_ratios}
+    if hasattr(model, "rpn"):
+        out.update(pre_nms=model.rpn._pre_nms_top_n, post_nms=model.rpn._post_nms_top_n,
+                   roi_batch=model.roi_heads.fg_bg_sampler.batch_size_per_image,
+                   detections=model.roi_heads.detections_per_img, score=model.roi_heads.score_thresh)
+    else:
+        out.update(score=model.score_thresh, nms=model.nms_thresh, detections=model.detections_per_img,
+                   topk=model.topk_candidates, radius=getattr(model, "center_sampling_radius", None))
+    return out
+
+
+@pytest.mark.parametrize("name,builder,weights", [
+    ("retinanet_r50", "retinanet_resnet50_fpn", "RetinaNet_ResNet50_FPN_Weights.COCO_V1"),
+    ("fcos_r50", "fcos_resnet50_fpn", "FCOS_ResNet50_FPN_Weights.COCO_V1"),
+    ("fasterrcnn_r50", "fasterrcnn_resnet50_fpn", "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"),
+    ("maskrcnn_r50", "maskrcnn_resnet50_fpn", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1")])
+def test_train_on_coco_data_with_torchvision_weights_builds_torchvisions_model(vga, name, builder, weights):
+    """`train --model NAME --weights ...COCO_V1 --data <640x480 images>` builds the model with the transform
+    sizes, anchor generator and proposal settings of torchvision's builder (which those weights were trained
+    with), not the built-in benchmark's (min size = the images' height, anchors from size / 8)."""
+    import argparse
+
+    import torchvision
+
+    import engine
+    import train
+    ds = data.CocoDetection(vga, "train", masks=False)
+    with torch.device("meta"):  # the modules' settings without allocating (or initialising) their weights
+        want = recipe_of(torchvision.models.get_model(builder, weights=None, weights_backbone=None, num_classes=3))
+    for weights_flag in (weights, None):  # with the weights, and on --data alone
+        args = argparse.Namespace(weights=weights_flag, data=vga, min_size=0, max_size=0, anchor_base=0)
+        sizes = train.input_sizes(args, ds)
+        spec = engine.make_spec("m", name, 1.0, sizes["min_size"], ds.category_ids, max_size=sizes["max_size"],
+                                anchor_base=sizes["anchor_base"], pretrained=weights_flag is not None)
+        with torch.device("meta"):
+            assert recipe_of(engine.build(spec)) == want
+    args = argparse.Namespace(weights=None, data=None, min_size=0, max_size=0, anchor_base=0)
+    assert train.input_sizes(args, ds) == {"min_size": 480, "max_size": 480, "anchor_base": 60}  # built-in rule
+
+
+def test_train_refuses_sizes_that_contradict_torchvision_weights(vga, tmp_path, capsys):
+    """A size flag that contradicts torchvision weights is one line, exit code 2, before anything is written."""
+    from conftest import cli
+    code, err = cli(capsys, "train", "--model", "retinanet_r50", "--weights", "RetinaNet_ResNet50_FPN_Weights.COCO_V1",
+                    "--data", vga, "--min-size", "512", "--out", tmp_path / "no")
+    assert code == 2 and err.count("\n") == 1 and "--min-size 512 conflicts with" in err and "800" in err
+    assert not (tmp_path / "no").exists()
