@@ -308,6 +308,27 @@ def test_torchrun_ddp_two_processes_train_and_evaluate(tmp_path):
     assert all(stages[0][k] == pytest.approx(single[k], abs=1e-9) for k in data.SUMMARY_KEYS)
 
 @pytest.mark.slow
+def test_torchrun_cost_matrix_splits_the_images_and_equals_one_process(zoo, tmp_path):
+    """Under torchrun each rank takes its share of the fit and held-out images and the statistics are summed:
+    the matrix equals the one-process matrix (to float rounding), and only rank 0 writes it."""
+    base, root = zoo
+    ckpts = [str(base / "s.pt"), str(base / "t1.pt"), str(base / "t2.pt")]
+    single = tmp_path / "single.json"
+    r = run_cli("cost", "--ckpts", *ckpts, "--data", root, "--images", "8", "--out", single)
+    assert r.returncode == 0, r.stderr[-2000:]
+    split = tmp_path / "split.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, "train.py"), "cost", "--ckpts", *ckpts, "--data", root, "--images", "8",
+                        "--out", str(split)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = json.load(open(single))["cost"], json.load(open(split))["cost"]
+    assert one.keys() == two.keys() and all(one[a].keys() == two[a].keys() for a in one)
+    assert all(two[a][b] == pytest.approx(one[a][b], rel=1e-6, abs=1e-9) for a in one for b in one[a])
+    assert len({round(v, 6) for row in one.values() for v in row.values()}) > 1  # a real matrix, not constants
+
+
+@pytest.mark.slow
 def test_killed_distillation_resumes_to_identical_weights(zoo, tmp_path):
     base, root = zoo
     args = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt", "--keep-order",
