@@ -87,11 +87,39 @@ class Float32Anchors(AnchorGenerator):
     """torchvision's AnchorGenerator, but its anchors are float32 even under bf16 autocast: it takes the
     dtype of the feature maps, and bf16's 8-bit mantissa would put anchors ~1 px off at 256 px (4 px at
     800). Only the maps' sizes are used, so empty float32 stand-ins are passed. No parameters: the
-    state_dict is unchanged."""
+    state_dict is unchanged.
+
+    Float anchors alone do not give float32 boxes: torchvision's box coders cast the anchors (and the RPN's
+    proposals) to the dtype of the regression output before decoding, so build_detector also hooks the
+    heads to return float32 (float32_outputs)."""
 
     def forward(self, image_list, feature_maps):
         return super().forward(image_list, [f.new_empty((1, 1, *f.shape[-2:]), dtype=torch.float32)
                                             for f in feature_maps])
+
+
+def _float32(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    if isinstance(x, dict):
+        return {k: _float32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_float32(v) for v in x)
+    return x
+
+
+def float32_outputs(module, args, output):
+    """Forward hook: the module's bf16/fp16 outputs (nested in dicts, lists, tuples) as float32.
+
+    Put on the modules whose outputs are decoded into boxes and scores (RetinaNet/FCOS `head`, R-CNN
+    `rpn.head`, `roi_heads.box_predictor` and `mask_predictor`). torchvision's BoxCoder.decode_single and
+    BoxLinearCoder.decode cast the reference boxes to the regression output's dtype, so under autocast the
+    decoded boxes would be bf16 (a 4 px grid at 512-1024 px, 8 px beyond), and so would scores and masks.
+    The head itself still runs under autocast; everything after it (decoding, sigmoid/softmax, top-k, NMS,
+    RoI boxes, mask paste, the losses) runs in float32. float32 and float64 outputs pass as they are.
+    A module-level function, so that hooked models pickle and deep-copy; hooks are not in the state_dict,
+    and a head swapped in after build_detector needs `m.register_forward_hook(float32_outputs)` again."""
+    return _float32(output)
 
 
 class Float32P6P7(LastLevelP6P7):
@@ -151,6 +179,7 @@ def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fp
     level; multiplied by `scale` so that every resolution covers the same objects.
     zero_init_residual: zero the last BN of each residual block (makes a from-scratch R50 train fast).
     pretrained: build for weights that will be loaded (FrozenBatchNorm2d, frozen conv1/layer1; see top).
+    Under autocast, boxes, scores and masks come out float32 (Float32Anchors, float32_outputs).
     """
     if name not in ZOO:
         raise ValueError(f"unknown model '{name}'; known models: {', '.join(ZOO)}")
@@ -202,6 +231,14 @@ def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fp
                 kw["mask_head"] = MaskRCNNHeads(fpn_channels, [256] * 4, 1, bn)
         make = MaskRCNN if kind == "maskrcnn" else FasterRCNN
         model = make(backbone, num_classes, min_size=lo, max_size=hi, rpn_anchor_generator=anchors, **kw)
+    # Under autocast, the outputs decoded into boxes, scores and masks become float32 (float32_outputs).
+    if two_stage:
+        decoded = [model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor]
+    else:
+        decoded = [model.head]
+    for m in decoded:
+        if m is not None:  # Faster R-CNN: no mask predictor
+            m.register_forward_hook(float32_outputs)
     model.spec_name = name
     return model
 

@@ -3,18 +3,27 @@
 CPU only, no network. Models at torchvision's widths are built on the meta device (shapes, no memory) where
 only their structure is checked. Run: python -m pytest -q test_zoo.py
 """
+import contextlib
+import copy
+import io
 import os
+import pickle
 import urllib.error
+from collections import OrderedDict
 
 import pytest
 import torch
 import torchvision
+from pycocotools.coco import COCO
 from torch import nn
 from torchvision.models import get_weight
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import box_iou, clip_boxes_to_image
 
+import data
 import mtpd
 from conftest import tiny_batch
-from models import (TORCHVISION, ZOO, Float32Anchors, FrozenBN, build_detector, fpn_features,
+from models import (TORCHVISION, ZOO, Float32Anchors, FrozenBN, build_detector, float32_outputs, fpn_features,
                     load_backbone_weights, load_weights)
 
 NOT_MODULE = set(vars(nn.Module()))
@@ -199,7 +208,7 @@ def test_two_stage_teacher_through_distill_losses():
     torch.manual_seed(0)
     student, teacher = tiny("retinanet_r18").train(), mtpd.freeze(tiny("fasterrcnn_r18"))
     images, targets = tiny_batch(2, 64)
-    feats, hook = mtpd.capture_features(student.backbone)
+    feats, hook = mtpd.capture_features(student.backbone, student.transform)  # sizes, as fpn_features gives
     with torch.no_grad():
         adapters = mtpd.build_adapters(fpn_features(student, images), fpn_features(teacher, images))
     losses = mtpd.distill_losses(student, images, targets, feats, [teacher], [adapters], fpn_features)
@@ -208,6 +217,216 @@ def test_two_stage_teacher_through_distill_losses():
     sum(losses.values()).backward()
     assert student.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixed precision: boxes, scores and masks stay float32 under autocast (models.float32_outputs)
+# ---------------------------------------------------------------------------------------------------------
+PADDED = (800, 1088)  # an 800x1066 input (a 480x640 COCO image at min_size 800), padded to a multiple of 32
+
+
+class FixedMaps(nn.Module):
+    """A backbone stand-in that returns the same FPN maps whatever the input: at COCO size a bf16 R18
+    forward is far too slow on a CPU without bf16 units, and what is tested here runs after the backbone."""
+
+    def __init__(self, maps, out_channels):
+        super().__init__()
+        self.maps, self.out_channels = maps, out_channels
+
+    def forward(self, x):
+        return OrderedDict(self.maps)
+
+
+def coco_size_model(name, regression=None):
+    """A light `name` (3 classes, 16-channel FPN, one conv per head subnet) at COCO's input size (min_size
+    800, max_size 1333: the 800x1066 image returned is not resized) on random FPN maps of the real shapes.
+    Every candidate is kept (score threshold 0) and the class logits are spread out: at init they are all
+    about equal, and bf16's rounding would reorder which candidates make the final 100-300. FCOS's
+    regression goes through a ReLU: a bias of 1 keeps its outputs positive (else boxes collapse onto the
+    anchor centres, multiples of 8 px).
+    regression: a constant for every box-regression output (its weights zeroed, its bias set).
+    Returns (model in eval mode, image)."""
+    torch.manual_seed(0)
+    kw = dict(fpn_channels=16, head_convs=1)
+    model = build_detector(name, 4, **kw).eval()
+    with torch.device("meta"):
+        maps = build_detector(name, 4, **kw).backbone(torch.empty(1, 3, *PADDED))
+    model.backbone = FixedMaps(OrderedDict((k, torch.randn(v.shape)) for k, v in maps.items()), 16)
+    if hasattr(model, "rpn"):
+        model.roi_heads.score_thresh = 0.0
+        cls = model.roi_heads.box_predictor.cls_score
+        regressions = [model.rpn.head.bbox_pred, model.roi_heads.box_predictor.bbox_pred]
+    else:
+        model.score_thresh = 0.0
+        cls, regressions = model.head.classification_head.cls_logits, [model.head.regression_head.bbox_reg]
+    nn.init.normal_(cls.weight)
+    if name.startswith("fcos"):
+        nn.init.ones_(regressions[0].bias)
+    if regression is not None:
+        for layer in regressions:
+            nn.init.zeros_(layer.weight)
+            nn.init.constant_(layer.bias, regression)
+    return model, torch.rand(3, 800, 1066)
+
+
+def detect(model, image, bf16):
+    """model([image]) under bf16 autocast or in float32: (detections, the RPN's proposals or None)."""
+    proposals = []
+    hook = model.rpn.register_forward_hook(lambda m, args, out: proposals.append(out[0][0])) \
+        if hasattr(model, "rpn") else None
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        det = model([image])[0]
+    if hook:
+        hook.remove()
+    return det, proposals[0] if proposals else None
+
+
+def off_by(boxes, ref, labels=None, ref_labels=None):
+    """Per box: its largest coordinate difference (px) to the nearest box of `ref` (of the same label)."""
+    d = (boxes[:, None].float() - ref[None]).abs().amax(-1)
+    if labels is not None:
+        d[labels[:, None] != ref_labels[None]] = float("inf")
+    return d.min(1).values
+
+
+def on_bf16_grid(boxes):
+    """Share of the box x-coordinates above 512 px that are multiples of 4 (bf16's spacing up to 1024)."""
+    x = boxes[:, 0::2].float()
+    x = x[x > 512]
+    assert len(x) >= 50
+    return (x % 4 == 0).float().mean().item()
+
+
+@pytest.mark.parametrize("name", ["retinanet_r18", "fcos_r18", "fasterrcnn_r18"])
+def test_bf16_boxes_are_the_float32_boxes_at_coco_size(name):
+    """torchvision's box coders cast the float32 anchors (RPN proposals) to the dtype of the regression
+    output: without float32_outputs the bf16 boxes, final and proposals, sit on bf16's grid (4 px at
+    512-1024 px)."""
+    model, image = coco_size_model(name)
+    ref, ref_proposals = detect(model, image, bf16=False)
+    det, proposals = detect(model, image, bf16=True)
+    assert det["boxes"].dtype == det["scores"].dtype == torch.float32 and len(det["boxes"]) >= 100
+    # the same detections to within 1 px (bf16 heads give slightly other scores and regression outputs)
+    assert (off_by(det["boxes"], ref["boxes"], det["labels"], ref["labels"]) <= 1).float().mean() >= 0.9
+    assert on_bf16_grid(det["boxes"]) < 0.1
+    if proposals is not None:
+        assert proposals.dtype == torch.float32 and len(proposals) == 1000
+        assert (off_by(proposals, ref_proposals) <= 1).float().mean() >= 0.9
+        assert on_bf16_grid(proposals) < 0.1
+
+
+@pytest.mark.parametrize("name", ["retinanet_r18", "fcos_r18", "fasterrcnn_r18"])
+def test_bf16_boxes_of_a_constant_regression_are_exact(name):
+    """A zero regression makes every box an anchor (RPN proposals and final R-CNN boxes too); FCOS's
+    constant 1 makes it the anchor's centre -+ the anchor's size. Those are exact in float32 (integers and
+    halves), so every box of a bf16-autocast forward must be one of them exactly."""
+    fcos = name.startswith("fcos")
+    model, image = coco_size_model(name, regression=1.0 if fcos else 0.0)
+    batch, _ = model.transform([image])
+    maps = list(model.backbone(batch.tensors).values())
+    generator = model.rpn.anchor_generator if hasattr(model, "rpn") else model.anchor_generator
+    anchors = generator(batch, maps)[0]
+    if fcos:  # torchvision's BoxLinearCoder: centre -+ code * anchor size
+        centre, size = (anchors[:, :2] + anchors[:, 2:]) / 2, anchors[:, 2:] - anchors[:, :2]
+        anchors = torch.cat([centre - size, centre + size], 1)
+    exact = set(map(tuple, clip_boxes_to_image(anchors, batch.image_sizes[0]).tolist()))
+    det, proposals = detect(model, image, bf16=True)
+    for boxes in [det["boxes"]] + ([proposals] if proposals is not None else []):
+        assert len(boxes) >= 100
+        inexact = sum(tuple(b) not in exact for b in boxes.tolist())
+        assert inexact == 0, f"{inexact} of {len(boxes)} boxes are not exact"
+
+
+@pytest.mark.parametrize("name", ["retinanet_r18", "fcos_r18", "fasterrcnn_r18", "maskrcnn_r18"])
+def test_every_detector_gives_float32_outputs_under_autocast(name):
+    """Detections (boxes, scores, masks) are float32 under bf16 and fp16 autocast, and so are the training
+    RPN proposals and losses under bf16 (tiny sizes: only the dtypes are checked); the hooks survive
+    deepcopy and pickling."""
+    torch.manual_seed(0)
+    model = tiny(name, num_classes=3)
+    two_stage = hasattr(model, "rpn")
+    (model.roi_heads if two_stage else model).score_thresh = 0.0  # detections from a fresh model
+    if two_stage:  # few RoIs: the 256-channel mask head is slow in bf16 on this CPU
+        model.roi_heads.detections_per_img, model.roi_heads.fg_bg_sampler.batch_size_per_image = 2, 8
+    images, targets = tiny_batch(2, 64)  # not 1: FCOS's GroupNorm (one channel a group) refuses a 1x1 P7
+    for t in targets:
+        t["masks"] = torch.zeros(1, 64, 64, dtype=torch.uint8)
+        t["masks"][0, 4:24, 4:20] = 1
+    for low in (torch.bfloat16, torch.float16):
+        with torch.no_grad(), torch.autocast("cpu", low):
+            det = model.eval()(images)[0]
+        assert len(det["boxes"]) and ("masks" in det) == name.startswith("maskrcnn")
+        assert {k: v.dtype for k, v in det.items() if v.is_floating_point()} == dict.fromkeys(
+            ["boxes", "scores"] + (["masks"] if "masks" in det else []), torch.float32)
+    if two_stage:  # training proposals: the RoI heads match and encode the ground truth in their dtype
+        proposals = []
+        hook = model.rpn.register_forward_hook(lambda m, args, out: proposals.append(out[0][0]))
+    with torch.autocast("cpu", torch.bfloat16):
+        losses = model.train()(images, targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    if two_stage:
+        hook.remove()
+        assert proposals[0].dtype == torch.float32
+    hooked = {"retinanet": 1, "fcos": 1, "fasterrcnn": 2, "maskrcnn": 3}[name.partition("_")[0]]
+    for clone in (model, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert sum(float32_outputs in m._forward_hooks.values() for m in clone.modules()) == hooked
+
+
+def test_float32_outputs_casts_only_half_precision():
+    bf16, fp16, fp32, fp64, ints = (torch.ones(2, dtype=t) for t in (
+        torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.long))
+    out = float32_outputs(None, (), ({"a": [bf16, fp16]}, [fp32, fp64, ints]))
+    assert isinstance(out, tuple) and [t.dtype for t in out[0]["a"]] == [torch.float32] * 2
+    assert all(a is b for a, b in zip(out[1], [fp32, fp64, ints]))
+
+
+def coco_like_gt(n_images=30, per_image=8):
+    """An in-memory pycocotools COCO of 640x480 images with COCO's mix of object sizes: 41% small, 34%
+    medium, 25% large (sqrt(area) log-uniform in 8-32, 32-96, 96-320 px; aspect ratios 1:2 to 2:1).
+    Returns (coco, boxes [n_images * per_image, 4] xyxy, their image ids)."""
+    g = torch.Generator().manual_seed(0)
+    n = n_images * per_image
+    bucket = torch.multinomial(torch.tensor([0.41, 0.34, 0.25]), n, replacement=True, generator=g)
+    lo, hi = torch.tensor([8.0, 32, 96])[bucket], torch.tensor([32.0, 96, 320])[bucket]
+    side = lo * (hi / lo) ** torch.rand(n, generator=g)
+    ratio = 2 ** (2 * torch.rand(n, generator=g) - 1)  # h / w
+    w, h = side / ratio.sqrt(), side * ratio.sqrt()
+    x, y = (640 - w) * torch.rand(n, generator=g), (480 - h) * torch.rand(n, generator=g)
+    image_ids = [i // per_image + 1 for i in range(n)]
+    anns = [{"id": i + 1, "image_id": image_ids[i], "category_id": 1, "bbox": [a, b, c, d], "area": c * d,
+             "iscrowd": 0} for i, (a, b, c, d) in enumerate(torch.stack([x, y, w, h], 1).tolist())]
+    coco = COCO()
+    coco.dataset = {"images": [{"id": i + 1, "file_name": f"{i}.jpg", "height": 480, "width": 640}
+                               for i in range(n_images)],
+                    "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco, torch.stack([x, y, x + w, y + h], 1), image_ids
+
+
+def test_bf16_box_decoding_cost_coco_ap():
+    """What decoding in bf16 cost: ground-truth boxes encoded against a RetinaNet's anchors at 800x1066,
+    the codes rounded to bf16 (the head's output), decoded and scaled back to 640x480 the old way (anchors,
+    decoding and transform.postprocess in bf16) and the float32 way, then scored as detections."""
+    coco, gt, image_ids = coco_like_gt()
+    model, image = coco_size_model("retinanet_r18")
+    batch, _ = model.transform([image])
+    anchors = model.anchor_generator(batch, list(model.backbone(batch.tensors).values()))[0]
+    gt_in = resize_boxes(gt, [480, 640], batch.image_sizes[0])  # as the transform resizes targets
+    best = torch.cat([box_iou(chunk, anchors).argmax(1) for chunk in gt_in.split(50)])
+    codes = model.box_coder.encode_single(gt_in, anchors[best]).bfloat16()
+    scores = torch.rand(len(gt), generator=torch.Generator().manual_seed(1)).tolist()
+    ap = {}
+    for way, c in (("bf16", codes), ("float32", float32_outputs(model.head, (), codes))):
+        boxes = model.box_coder.decode_single(c, anchors[best])  # bf16 codes: the anchors are cast to bf16
+        boxes = resize_boxes(boxes, batch.image_sizes[0], [480, 640]).float()
+        boxes[:, 2:] -= boxes[:, :2]  # xywh, as data.predict
+        results = [{"image_id": i, "category_id": 1, "bbox": b, "score": s}
+                   for i, b, s in zip(image_ids, boxes.tolist(), scores)]
+        ap[way] = data.score(coco, results)
+    ap = {way: {k: round(s[k], 3) for k in ("AP", "APs", "AP75", "APl")} for way, s in ap.items()}
+    assert ap["float32"]["AP"] >= 0.999 and ap["float32"]["APs"] >= 0.999, ap
+    assert ap["bf16"]["AP"] < 0.9 and ap["bf16"]["APs"] < 0.8, ap
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,7 +607,7 @@ def test_train_cli_loads_weights_files_and_reports_mismatches(shapes, tmp_path):
     src = build_detector("retinanet_r18", cats + 1, min_size=64, max_size=64)
     torch.save(src.state_dict(), tmp_path / "same.pt")
     torch.save(build_detector("retinanet_r18", cats + 4, min_size=64, max_size=64).state_dict(), tmp_path / "other.pt")
-    common = ["train", "--model", "retinanet_r18", "--data", root, "--epochs", "0", "--batch", "4"]
+    common = ["train", "--model", "retinanet_r18", "--data", root, "--min-size", "64", "--epochs", "0", "--batch", "4"]
     r = run_cli(*common, "--weights", tmp_path / "same.pt", "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr[-1500:]
     got = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
