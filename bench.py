@@ -218,7 +218,7 @@ def feature_batches(models, batches):
     with torch.no_grad():
         for i, images in enumerate(batches):
             yield ("fit" if i < len(batches) // 2 else "held"), {
-                k: {s: f.float() for s, f in fpn_features(m, images).items()} for k, m in models.items()}
+                k: engine.float32(fpn_features(m, images)) for k, m in models.items()}
 
 
 def forwards_only(models, batches):

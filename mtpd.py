@@ -10,8 +10,10 @@
     6. the schedule      one stage per teacher, fresh adapter and optimiser per stage     (§3.2)
 
 It imports torch only: copy this file next to your own detector. Anything detector-specific (how to run a
-model's backbone on a batch, how to train one stage) is passed in as a function. With any torchvision
-detector (test_mtpd.py runs this example, so it stays true):
+model's backbone on a batch, how to train one stage) is passed in as a function. Give every model's
+features the images' sizes before padding (Levels.sizes), or none: sizes on one side only are an error,
+and without them levels of different sizes are resized as whole padded maps (warned once). With any
+torchvision detector (test_mtpd.py runs this example, so it stays true):
 
     import torch, mtpd
     from torchvision.models.detection import retinanet_resnet50_fpn
@@ -22,7 +24,8 @@ detector (test_mtpd.py runs this example, so it stays true):
 
     kw = dict(weights=None, weights_backbone=None, num_classes=3, max_size=128)
     student = retinanet_resnet50_fpn(min_size=64, **kw)  # a low-resolution student: upsampling adapters
-    models = {"student": student, **{t: mtpd.freeze(retinanet_resnet50_fpn(min_size=128, **kw)) for t in "AB"}}
+    teachers = {t: mtpd.freeze(retinanet_resnet50_fpn(min_size=128, **kw)) for t in "AB"}
+    models = {"student": student, **teachers}
     images = [torch.rand(3, 128, 128) for _ in range(4)]
     targets = [{"boxes": torch.tensor([[10.0, 20.0, 70.0, 90.0]]), "labels": torch.tensor([1])}] * 4
     with torch.no_grad():  # 4-5: costs on held-out images (first pair fits, second scores), then BGS
@@ -43,6 +46,7 @@ detector (test_mtpd.py runs this example, so it stays true):
     hook.remove()  # the student is a plain detector again; the adapters are dropped
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +70,17 @@ def stride_keyed(input_hw, feats, sizes=None):
     """Key a neck's levels by stride, so that levels of different detectors pair up correctly
     (RetinaNet: P3-P7 = strides 8..128; Mask R-CNN: P2-P6 = 4..64; pairing by list index would be wrong).
 
-    input_hw: (H, W) of the padded input batch. feats: dict/list of [N, C, h, w], finest level first.
-    sizes: each image's (h, w) before padding (ImageList.image_sizes), kept for alignment.
+    input_hw: (H, W) of the padded input batch. feats: dict/list of [N, C, h, w], finest level first
+    (a single map, e.g. a backbone without an FPN, is an error: wrap it as {'0': x}).
+    sizes: each image's (h, w) before padding (ImageList.image_sizes), kept for alignment; without them
+    the Levels carry none, and may only be compared with features that carry none either (see align).
     Returns Levels {stride: [N, C, h, w]}. The finest level's stride is H/h rounded to a power of two; each
     next level doubles it (FPN extra levels are stride-2 convs or pools: at tiny inputs P6 and P7 are both
     1x1, so their strides cannot be read from the sizes).
     """
+    if isinstance(feats, torch.Tensor):  # iterating it would make one "level" per image of the batch
+        raise TypeError(f"stride_keyed got one Tensor {list(feats.shape)}, not a neck's levels: pass the "
+                        "dict/list of [N, C, h, w] levels the neck returns, or wrap a single map as {'0': x}")
     levels = list(feats.values() if isinstance(feats, dict) else feats)
     first = 2 ** round(math.log2(input_hw[0] / levels[0].shape[-2]))
     return Levels({first * 2 ** i: f for i, f in enumerate(levels)}, sizes)
@@ -80,7 +89,9 @@ def stride_keyed(input_hw, feats, sizes=None):
 def capture_features(backbone, transform=None):
     """Hook `backbone` so each forward also leaves its outputs, keyed by stride, in the returned Levels;
     with the detector's `transform` (torchvision's GeneralizedRCNNTransform) hooked too, the images'
-    sizes before padding come along (store.sizes).
+    sizes before padding come along (store.sizes). Without a transform store.sizes stays None: the
+    features compared with these must then carry no sizes either (feature_loss raises on sizes on one
+    side only), and levels of different sizes are compared as whole padded maps (see align).
 
     The student's features come from its own training forward (the one that computes the detection
     losses): distillation costs no second student pass. Returns (store, hook handle); handle.remove()
@@ -130,6 +141,34 @@ def content_cells(sizes, stride, hw):
     return [(min(math.ceil(h / stride), hw[0]), min(math.ceil(w / stride), hw[1])) for h, w in sizes]
 
 
+_warned_padded = False  # the warning of _sizes_known fires once per process, not at every training step
+
+
+def _sizes_known(sides, resized):
+    """Whether the images' sizes can align the maps compared: sides {whose features: sizes or None}.
+    True when every side carries sizes. Sizes on some sides only raise ValueError: ignoring them would
+    resize the padded maps, the misalignment the caller gave sizes to avoid. False when no side carries
+    any; then, if `resized` (the maps differ in size), whole padded maps are resized onto each other,
+    which misaligns images of other sizes or aspect ratios: warned once per process."""
+    global _warned_padded
+    missing = [k for k, v in sides.items() if v is None]
+    if not missing:
+        return True
+    if len(missing) < len(sides):
+        have = [k for k in sides if k not in missing]
+        raise ValueError(f"the features of {', '.join(missing)} carry no image sizes (Levels.sizes) but "
+                         f"those of {', '.join(have)} do: give every side the sizes before padding, e.g. "
+                         "capture_features(backbone, transform) with the detector's transform, or "
+                         "stride_keyed(..., batch.image_sizes)")
+    if resized and not _warned_padded:
+        _warned_padded = True
+        warnings.warn("mtpd: features without the images' sizes (Levels.sizes): levels of different sizes "
+                      "are compared by resizing the whole padded maps, which misaligns images of different "
+                      "sizes or aspect ratios; pass the sizes on every side (capture_features(backbone, "
+                      "transform), stride_keyed(..., batch.image_sizes)). Warned once.", stacklevel=3)
+    return False
+
+
 def align(x, size, stride, student_sizes=None, teacher_sizes=None):
     """A student level x [N, C, h, w] resized onto a teacher level of `size` (H, W), image by image by
     the images' real extent: the cells covering each image's content in the student's frame go onto the
@@ -138,9 +177,10 @@ def align(x, size, stride, student_sizes=None, teacher_sizes=None):
     the whole padded maps would stretch one image's content onto another's padding (a 640x480 image:
     student at 0.5x padded 416x544, teacher at 1x 800x1088: ~4 P3 cells off at the bottom).
     Returns (y [N, C, H, W], mask [N, 1, H, W] of the teacher's content cells, or None when every image
-    fills both maps or the sizes are unknown: then the whole map is resized, as for square images)."""
+    fills both maps or neither side has sizes: then the whole map is resized, as for square images, with
+    a warning (once) when the sizes differ). Sizes on one side only are a ValueError (_sizes_known)."""
     full = tuple(x.shape[-2:]), tuple(size)
-    if student_sizes is None or teacher_sizes is None:
+    if not _sizes_known({"the student": student_sizes, "the teacher": teacher_sizes}, full[0] != full[1]):
         return _resize(x, size), None
     src, dst = content_cells(student_sizes, stride, full[0]), content_cells(teacher_sizes, stride, full[1])
     if all(a == full[0] for a in src) and all(b == full[1] for b in dst):
@@ -162,7 +202,7 @@ def _resize(x, size):
 class Adapter(nn.Module):
     """phi for one level: a 1x1 conv when the channels differ (or with conv=True), then bilinear resizing to
     the teacher's size when the resolutions differ (e.g. a low-resolution student), by the images' real
-    extent when their sizes are given (align). x [N, Cs, h, w] -> [N, Ct, H, W]."""
+    extent when their sizes are given (align; both or neither). x [N, Cs, h, w] -> [N, Ct, H, W]."""
 
     def __init__(self, student_channels, teacher_channels, conv=False):
         super().__init__()
@@ -207,7 +247,8 @@ def make_adapters(student, teacher, images, features, *, conv=False):
 # ---------------------------------------------------------------------------------------------------------
 # 3. Feature loss (§3.1): L2 between F_T and phi(F_S) over the common strides.
 # ---------------------------------------------------------------------------------------------------------
-def feature_loss(student_feats, teacher_feats, adapters, *, mechanisms=None, boxes=None, levels=None, eps=1e-6):
+def feature_loss(student_feats, teacher_feats, adapters, *, mechanisms=None, boxes=None, levels=None,
+                 eps=1e-6):
     """sum_levels ||F_T - phi(F_S)||^2 / sum_levels (numel * Var(F_T)): the fraction of the teacher's total
     feature variance (over all common levels) that the student misses. 0 when F_S == F_T.
 
@@ -216,7 +257,8 @@ def feature_loss(student_feats, teacher_feats, adapters, *, mechanisms=None, box
     RetinaNet pyramid, not 1/5. Dividing by the teacher's variance (a constant) only scales the loss, so
     that lambda ~ 1 means the same across detectors: raw FPN MSEs are often hundreds of times the
     detection loss. When both feature dicts carry the images' sizes (Levels.sizes), each image is aligned
-    by its real extent and the teacher's padding is left out of the error and of the variance (align).
+    by its real extent and the teacher's padding is left out of the error and of the variance (align);
+    sizes on one side only are a ValueError, none on either side resize the padded maps (warned once).
     A mechanism receives both maps with F_T's values on the teacher's padding (not masked: its loss may
     still see those cells, e.g. MGD's 3x3 generator or CWD's softmax over positions).
 
@@ -279,7 +321,8 @@ def distill_losses(student, images, targets, student_feats, teachers, adapters, 
                 ft = teacher_features(teacher, images)
                 boxes = teacher_boxes(teacher, images, targets) if teacher_boxes else None
             mech = mechanisms[i] if mechanisms is not None else None
-            total = total + feature_loss(student_feats, ft, adapter, mechanisms=mech, boxes=boxes, levels=levels)
+            total = total + feature_loss(student_feats, ft, adapter, mechanisms=mech, boxes=boxes,
+                                         levels=levels)
         losses["distill"] = lam * total
     return losses
 
@@ -310,7 +353,9 @@ def accumulate_moments(moments, split, feats):
     target has that size: one matrix product per level instead of one per pair. Stays on the features'
     device, in float64. moments[(split, s, native)] = {"names", "channels", "native", "zz"}, summed over
     batches and sizes. When the features carry the images' sizes (Levels.sizes) and a model's images leave
-    padding, each image's content is cropped and compared on its own: padding is not a feature.
+    padding, each image's content is cropped and compared on its own: padding is not a feature. Sizes on
+    some models only are a ValueError; on none, levels of different sizes are whole padded maps resized
+    (warned once; see _content).
     """
     for s in sorted({s for f in feats.values() for s in f}):
         names = [k for k in feats if s in feats[k]]
@@ -330,10 +375,12 @@ def accumulate_moments(moments, split, feats):
 
 def _content(feats, names, s):
     """The maps of level s of `names`, as one batch when no model's images leave padding at that level
-    (or the sizes are unknown); else, image by image, each model's map cropped to the image's content."""
+    (or no model has sizes); else, image by image, each model's map cropped to the image's content.
+    Sizes on some models only raise ValueError (_sizes_known)."""
     maps = [feats[k][s] for k in names]
     sizes = [getattr(feats[k], "sizes", None) for k in names]
-    if any(z is None for z in sizes):
+    resized = len({tuple(f.shape[-2:]) for f in maps}) > 1
+    if not _sizes_known({repr(k): z for k, z in zip(names, sizes)}, resized):
         return [maps]
     cells = [content_cells(z, s, f.shape[-2:]) for z, f in zip(sizes, maps)]
     if all(c == tuple(f.shape[-2:]) for cs, f in zip(cells, maps) for c in cs):

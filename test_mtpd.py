@@ -1,6 +1,7 @@
 """Tests of the method, the models and the data (CPU, tiny tensors and models). Run: python -m pytest -q"""
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -15,17 +16,32 @@ from conftest import run_cli, tiny_batch, tiny_detector
 from models import build_detector, fpn_features
 
 
+# Synthetic maps at two resolutions, without images and so without sizes: the whole-map resize is what
+# these tests check, and its once-per-process warning (tested on its own) would only be noise there.
+sizeless = pytest.mark.filterwarnings("ignore:mtpd. features without the images' sizes")
+
+
+def mtpd_warnings(caught):
+    """The messages of mtpd's own warnings among those caught."""
+    return [str(w.message) for w in caught if str(w.message).startswith("mtpd:")]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # §3.1: feature capture, adapters, feature loss
 # ---------------------------------------------------------------------------------------------------------
-def test_the_usage_example_at_the_top_of_mtpd_runs_and_distils():
+def test_the_usage_example_at_the_top_of_mtpd_runs_and_distils(monkeypatch):
     """The example in mtpd's docstring, executed as written: BGS orders the two teachers, each stage trains
-    the student (its weights move) through upsampling adapters (a 0.5x student), and the hook is gone."""
+    the student (its weights move) through upsampling adapters (a 0.5x student), and the hook is gone.
+    Every model's features carry the images' sizes, so nothing warns of a padded-map resize."""
     import textwrap
     code = textwrap.dedent(mtpd.__doc__.split("stays true):\n", 1)[1])
     torch.manual_seed(0)
     scope = {}
-    exec(compile(code, "mtpd.__doc__", "exec"), scope)
+    monkeypatch.setattr(mtpd, "_warned_padded", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "mtpd.__doc__", "exec"), scope)
+    assert mtpd_warnings(caught) == [] and not mtpd._warned_padded
     student, order, cost, adapters = scope["student"], scope["order"], scope["cost"], scope["adapters"]
     assert order and set(order) <= {"A", "B"} and order[-1] == "B"  # the best teacher (35 AP) comes last
     assert set(cost) == {"student", "A", "B"} and all(0 <= cost[a][b] for a in cost for b in cost[a])
@@ -49,6 +65,7 @@ def _stripes(h=480, w=640):
     return torch.stack([(torch.sin(y / 9) + 1) / 2, (torch.sin(y / 23 + x / 50) + 1) / 2, (y / h) * (x / w)])
 
 
+@sizeless  # the "before" of line `padded, _ = ...` below
 def test_alignment_by_real_extent_on_a_non_square_image():
     """640x480 through a detector's transform at 0.5x (400x533, padded to 416x544) and at 1x (800x1066,
     padded to 800x1088): resizing the padded student map onto the teacher's stretches the content ~4 P3
@@ -104,6 +121,84 @@ def test_padding_is_left_out_of_the_loss_and_the_costs():
     assert c1["s"]["t"] == pytest.approx(c2["s"]["t"], rel=1e-9)
 
 
+def test_image_sizes_on_one_side_only_are_an_error():
+    """Sizes on one side only used to fall back, silently, to resizing the padded maps (the misalignment
+    the sizes are there to avoid): now a one-line ValueError naming the side without them, in the loss,
+    the adapter and the cost statistics, whether or not the maps differ in size."""
+    torch.manual_seed(0)
+    fs = mtpd.Levels({8: torch.randn(2, 4, 6, 6)}, sizes=[(48, 48), (40, 32)])
+    ft = mtpd.Levels({8: torch.randn(2, 4, 12, 12)}, sizes=[(96, 96), (80, 64)])
+    ad = mtpd.build_adapters(fs, ft, conv=True)
+    mtpd.feature_loss(fs, ft, ad)  # sizes on both sides: fine
+    for student, teacher, lacking in ((dict(fs), ft, "the student"), (fs, mtpd.Levels(ft), "the teacher"),
+                                      (fs, {8: ft[8][:, :, :6, :6]}, "the teacher")):  # the last: one size
+        with pytest.raises(ValueError, match=f"features of {lacking} carry no image sizes") as e:
+            mtpd.feature_loss(student, teacher, ad)
+        assert "\n" not in str(e.value) and "capture_features(backbone, transform)" in str(e.value)
+    with pytest.raises(ValueError, match="features of the student carry no image sizes"):
+        ad["8"](fs[8], (12, 12), 8, None, ft.sizes)
+    # the cost statistics: one model without sizes among models with them, named in the message
+    third = mtpd.Levels({8: torch.randn(2, 3, 6, 6)}, fs.sizes)
+    for plain in ("t", "u"):
+        feats = {"s": fs, "t": ft, "u": third, plain: dict(fs if plain == "t" else third)}
+        with pytest.raises(ValueError, match=f"features of '{plain}' carry no image sizes") as e:
+            mtpd.adaptation_costs([("fit", feats), ("held", feats)])
+        assert "\n" not in str(e.value) and "stride_keyed(..., batch.image_sizes)" in str(e.value)
+
+
+def test_a_student_hooked_without_its_transform_is_refused_against_sized_teachers():
+    """capture_features without the detector's transform gives features without sizes; against teacher
+    features that carry them (fpn_features) the training step is an error, not a padded-map resize."""
+    torch.manual_seed(0)
+    student, teacher = tiny_detector(scale=0.5), mtpd.freeze(tiny_detector())
+    images, targets = tiny_batch()
+    with torch.no_grad():
+        adapters = [mtpd.build_adapters(fpn_features(student.eval(), images), fpn_features(teacher, images))]
+    feats, hook = mtpd.capture_features(student.backbone)
+    try:
+        with pytest.raises(ValueError, match="features of the student carry no image sizes"):
+            mtpd.distill_losses(student.train(), images, targets, feats, [teacher], adapters, fpn_features)
+    finally:
+        hook.remove()
+    assert sorted(feats) == [8, 16, 32, 64, 128] and feats.sizes is None  # the hook ran, without sizes
+
+
+def test_no_sizes_and_maps_of_different_sizes_warn_once(monkeypatch):
+    """Without sizes on either side, maps of different sizes are resized as whole padded maps: warned
+    once per process (a module flag), not at every step; in the loss and in the cost statistics."""
+    lo, hi = {8: torch.randn(2, 4, 4, 4)}, {8: torch.randn(2, 4, 8, 8)}
+    ad = mtpd.build_adapters(lo, hi)
+    batch = {"lo": lo, "hi": hi, "hi2": {8: torch.randn(2, 3, 8, 8)}}
+    for run in (lambda: mtpd.feature_loss(lo, hi, ad), lambda: mtpd.adaptation_costs([("fit", batch),
+                                                                                       ("held", batch)])):
+        monkeypatch.setattr(mtpd, "_warned_padded", False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # so that only the module's flag can hold the second one back
+            run()
+            run()
+        msgs = mtpd_warnings(caught)
+        assert len(msgs) == 1 and "resizing the whole padded maps" in msgs[0] and "\n" not in msgs[0]
+        assert "stride_keyed(..., batch.image_sizes)" in msgs[0]
+        assert [w.category for w in caught if str(w.message) == msgs[0]] == [UserWarning]
+
+
+def test_no_sizes_on_maps_of_one_size_and_sizes_everywhere_stay_silent(monkeypatch):
+    """Nothing is resized without sizes when the maps have one size; with sizes on every side the maps
+    are aligned by the images' extent: no warning either way (and the flag stays unset)."""
+    monkeypatch.setattr(mtpd, "_warned_padded", False)
+    torch.manual_seed(0)
+    a, b = {8: torch.randn(2, 4, 6, 6)}, {8: torch.randn(2, 3, 6, 6)}
+    fs = mtpd.Levels({8: torch.randn(2, 4, 6, 6)}, sizes=[(48, 48), (40, 32)])
+    ft = mtpd.Levels({8: torch.randn(2, 4, 12, 12)}, sizes=[(96, 96), (80, 64)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mtpd.feature_loss(a, b, mtpd.build_adapters(a, b))
+        mtpd.adaptation_costs([("fit", {"a": a, "b": b}), ("held", {"a": a, "b": b})])
+        mtpd.feature_loss(fs, ft, mtpd.build_adapters(fs, ft))
+        mtpd.adaptation_costs([("fit", {"s": fs, "t": ft}), ("held", {"s": fs, "t": ft})])
+    assert mtpd_warnings(caught) == [] and not mtpd._warned_padded
+
+
 def test_adapter_kind_from_shapes():
     assert mtpd.adapter_kind((256, 16, 16), (256, 16, 16)) == "identity"
     assert mtpd.adapter_kind((128, 16, 16), (256, 16, 16)) == "conv"
@@ -111,6 +206,7 @@ def test_adapter_kind_from_shapes():
     assert mtpd.adapter_kind((2, 128, 8, 8), (2, 256, 16, 16)) == "conv+upsample"
 
 
+@sizeless
 def test_adapter_output_shapes_and_modules():
     s = {8: torch.randn(2, 4, 4, 4), 16: torch.randn(2, 4, 2, 2)}
     t = {8: torch.randn(2, 6, 8, 8), 16: torch.randn(2, 6, 4, 4), 4: torch.randn(2, 6, 16, 16)}
@@ -132,6 +228,24 @@ def test_stride_keyed_pairs_tiny_p6_p7():
              torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)]
     assert sorted(mtpd.stride_keyed((64, 64), feats)) == [8, 16, 32, 64, 128]
     assert sorted(mtpd.stride_keyed((800, 1216), [torch.zeros(1, 1, 200, 304)] * 5)) == [4, 8, 16, 32, 64]
+
+
+def test_stride_keyed_refuses_a_single_map():
+    """A backbone without an FPN returns one [N, C, h, w] map; iterating it made one "level" per image of
+    the batch. Now a one-line TypeError, also from a hooked backbone's forward; wrapped, it is one level."""
+    x = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(TypeError, match=r"wrap a single map as \{'0': x\}") as e:
+        mtpd.stride_keyed((64, 64), x)
+    assert "\n" not in str(e.value) and "[2, 3, 8, 8]" in str(e.value)
+    assert list(mtpd.stride_keyed((64, 64), {"0": x})) == [8]
+    backbone = nn.Conv2d(3, 3, 8, stride=8)  # no FPN: one map
+    store, hook = mtpd.capture_features(backbone)
+    try:
+        with pytest.raises(TypeError, match="not a neck's levels"):
+            backbone(torch.zeros(2, 3, 64, 64))
+    finally:
+        hook.remove()
+    assert len(store) == 0 and backbone(torch.zeros(2, 3, 64, 64)).shape == (2, 3, 8, 8)  # hook gone
 
 
 def test_feature_loss_values():
@@ -196,7 +310,7 @@ def test_gradients_reach_student_and_adapter_never_teacher():
     torch.manual_seed(0)
     student, teacher = tiny_detector(scale=0.5), mtpd.freeze(tiny_detector("retinanet_r34"))
     images, targets = tiny_batch()
-    feats, hook = mtpd.capture_features(student.backbone)
+    feats, hook = mtpd.capture_features(student.backbone, student.transform)  # sizes, as the teacher has
     with torch.no_grad():
         fs, ft = fpn_features(student.eval(), images), fpn_features(teacher, images)
     assert mtpd.adapter_kind(fs[8].shape, ft[8].shape) == "upsample"  # 32-px student vs 64-px teacher
@@ -210,7 +324,7 @@ def test_gradients_reach_student_and_adapter_never_teacher():
     assert student.backbone.body.conv1.weight.grad.abs().sum() > 0
     # the distillation term alone moves the student's backbone (it is not only the detection loss)
     student.zero_grad()
-    feats, hook = mtpd.capture_features(student.backbone)
+    feats, hook = mtpd.capture_features(student.backbone, student.transform)
     mtpd.distill_losses(student, images, targets, feats, [teacher], adapters, fpn_features)["distill"].backward()
     hook.remove()
     assert student.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
@@ -252,6 +366,7 @@ def test_cost_matches_direct_least_squares():
     assert abs(cost["A"]["B"] - expected.item()) < 1e-8
 
 
+@sizeless
 def test_least_squares_adapters_start_at_the_affine_map_across_resolutions():
     """A teacher whose levels are an affine map of the student's, the second level at twice the student's
     resolution (bilinear, still linear): the least-squares adapters reproduce the teacher exactly, and
@@ -273,6 +388,7 @@ def test_least_squares_adapters_start_at_the_affine_map_across_resolutions():
         mtpd.least_squares_adapters(mtpd.build_adapters(student, student), moments, "s", "t")
 
 
+@sizeless
 def test_cost_resizes_across_resolutions():
     a = _feats(5, hw=4)
     up = torch.nn.functional.interpolate(a, size=(8, 8), mode="bilinear", align_corners=False)
@@ -281,6 +397,7 @@ def test_cost_resizes_across_resolutions():
     assert cost["lo"]["hi"] < 1e-6 and cost["hi"]["lo"] > cost["lo"]["hi"]
 
 
+@sizeless
 def test_cost_matrix_blocks_equal_pairwise_fits():
     """One Gram matrix per level and size holds every pair: each entry equals fitting that pair alone,
     also across resolutions and with batches of different sizes pooled."""
