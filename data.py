@@ -56,22 +56,23 @@ def _outline(kind, cx, cy, r, rot):
              cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n)) for i in range(n)]
 
 
-def _background(rng, size):
+def _background(rng, h, w):
     """Smooth weakly-saturated gradient + texture blobs + distractor lines (pixel noise comes last)."""
     base = np.array(_grey(rng), np.float32)
     tint = np.array([rng.randint(-40, 40) for _ in range(3)], np.float32)
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    yy, xx = np.mgrid[0:h, 0:w]
+    yy, xx = yy / h, xx / w
     ang = rng.uniform(0, 2 * math.pi)
     ramp = (math.cos(ang) * xx + math.sin(ang) * yy)[..., None]
     img = Image.fromarray(np.clip(base + tint * ramp, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(2, 6)):  # soft blobs (clutter, not objects)
-        x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(4, size / 4)
+        x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4, min(h, w) / 4)
         draw.ellipse([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], fill=_grey(rng))
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(1, 3)))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(1, 4)):  # thin distractor lines
-        pts = [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)]
+        pts = [(rng.uniform(0, w), rng.uniform(0, h)) for _ in range(2)]
         draw.line(pts, fill=_grey(rng), width=rng.randint(1, 2))
     return img
 
@@ -96,8 +97,10 @@ def _polygon_area(pts):
     return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1])))
 
 
-def _make_image(rng, size, max_objects):
-    img = _background(rng, size)
+def _make_image(rng, h, w, max_objects, crowd_rng=None):
+    """(image, objects [(kind, polygon, xyxy box)], crowd (kind, [h, w] mask) or None). crowd_rng: a
+    generator of its own for the crowd region, so that asking for crowds leaves the objects as they were."""
+    img = _background(rng, h, w)
     draw = ImageDraw.Draw(img)
     objects, boxes = [], []
     n = rng.randint(1, max_objects)
@@ -107,9 +110,9 @@ def _make_image(rng, size, max_objects):
         kind = rng.choice(list(SHAPES))
         for _ in range(20):  # place it; partial occlusion allowed (MAX_COVER)
             r = side / 2
-            lo = min(r, 0.35 * size)
-            cx, cy = rng.uniform(lo, size - lo), rng.uniform(lo, size - lo)
-            pts = _clip(_outline(kind, cx, cy, r, rng.uniform(0, 2 * math.pi)), size)
+            lo_x, lo_y = min(r, 0.35 * w), min(r, 0.35 * h)
+            cx, cy = rng.uniform(lo_x, w - lo_x), rng.uniform(lo_y, h - lo_y)
+            pts = _clip(_outline(kind, cx, cy, r, rng.uniform(0, 2 * math.pi)), w, h)
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             box = [min(xs), min(ys), max(xs), max(ys)]
             if all(_covered(box, b) <= MAX_COVER for b in boxes):
@@ -119,14 +122,50 @@ def _make_image(rng, size, max_objects):
         draw.polygon(pts, fill=_class_colour(rng, kind), outline=_colour(rng) if rng.random() < 0.5 else None)
         boxes.append(box)
         objects.append((kind, pts, box))
+    crowd = _crowd(crowd_rng, img, boxes) if crowd_rng is not None else None
     arr = np.asarray(img).astype(np.float32)
     noise = np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, rng.uniform(4, 16), arr.shape)
-    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8)), objects
+    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8)), objects, crowd
 
 
-def _clip(pts, size):
-    """Sutherland-Hodgman: the part of polygon `pts` inside [0, size]^2."""
-    for axis, bound, keep in ((0, 0, 1), (0, size, -1), (1, 0, 1), (1, size, -1)):
+def _crowd(rng, img, boxes):
+    """Draw a crowd on `img`: a cluster of 6-16 small shapes of one class, too close together to annotate
+    one by one, which COCO labels as one iscrowd=1 region. It goes where it hides at most MAX_COVER of an
+    object's box (as objects do each other). Returns (kind, [h, w] uint8 mask of its shapes), or None
+    when no place was found."""
+    w, h = img.size
+    kind = rng.choice(list(SHAPES))
+    side = rng.uniform(0.2, 0.4) * min(h, w)
+    rw, rh = min(w, side * rng.uniform(0.7, 1.4)), min(h, side * rng.uniform(0.7, 1.4))
+    for _ in range(50):
+        x0, y0 = rng.uniform(0, w - rw), rng.uniform(0, h - rh)
+        region = [x0, y0, x0 + rw, y0 + rh]
+        if all(_covered(region, b) <= MAX_COVER for b in boxes):
+            break
+    else:
+        return None
+    draw, mask = ImageDraw.Draw(img), Image.new("L", (w, h), 0)
+    for _ in range(rng.randint(6, 16)):  # members of 5-12 px: each well under COCO's 32^2 "small"
+        r = min(rng.uniform(2.5, 6), rw / 2, rh / 2)
+        cx, cy = rng.uniform(x0 + r, x0 + rw - r), rng.uniform(y0 + r, y0 + rh - r)
+        pts = _clip(_outline(kind, cx, cy, r, rng.uniform(0, 2 * math.pi)), w, h)
+        draw.polygon(pts, fill=_class_colour(rng, kind))
+        ImageDraw.Draw(mask).polygon(pts, fill=1)
+    mask = np.asarray(mask, np.uint8)
+    return (kind, mask) if mask.any() else None
+
+
+def _rle_counts(mask):
+    """Uncompressed RLE counts of a [h, w] mask, as COCO stores its crowd regions: run lengths in column-major
+    order, starting with a run of zeros."""
+    flat = mask.flatten(order="F")
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    return ([0] if flat[0] else []) + np.diff(bounds).tolist()
+
+
+def _clip(pts, w, h):
+    """Sutherland-Hodgman: the part of polygon `pts` inside [0, w] x [0, h]."""
+    for axis, bound, keep in ((0, 0, 1), (0, w, -1), (1, 0, 1), (1, h, -1)):
         out = []
         for p, q in zip(pts, pts[1:] + pts[:1]):
             pin, qin = keep * (p[axis] - bound) >= 0, keep * (q[axis] - bound) >= 0
@@ -147,25 +186,45 @@ def _covered(a, b):
     return iw * ih / max(smaller, 1e-9)
 
 
-def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, progress=True):
+def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, progress=True, sizes=None,
+                crowd=0.0):
     """Write the shapes benchmark to `root` in COCO 2017 layout; deterministic from `seed`.
 
     Annotations are amodal polygons (an occluded shape keeps its whole outline), with COCO's bbox
     [x, y, w, h], area (polygon area, which COCOeval uses for the small/medium/large buckets) and iscrowd=0.
-    Returns {split: {"images": n, "small": n, "medium": n, "large": n}}.
+    sizes: [(height, width), ...] cycled over each split's images (image i has sizes[i % len(sizes)]), e.g.
+    COCO's aspect ratios 4:3, 3:4, 3:2 at a small scale; default: every image is size x size.
+    crowd: the share of images that also get a crowd region (COCO's iscrowd=1) where one fits beside the
+    objects: a cluster of small shapes of one class annotated as one region, an uncompressed RLE with the
+    bbox and area of its pixels. The objects are the same with and without crowds (the crowds draw from a
+    generator of their own).
+    Returns {split: {"images": n, "small": n, "medium": n, "large": n}}, with "crowd": n when crowd > 0.
     """
     from tqdm import tqdm
+    if sizes is not None:
+        sizes = [tuple(s) for s in sizes]
+        if not sizes or any(len(s) != 2 or not all(isinstance(v, int) and v >= 16 for v in s) for s in sizes):
+            raise ValueError(f"sizes must be a non-empty list of (height, width) of at least 16 px each, "
+                             f"got {sizes}")
+    if not 0 <= crowd <= 1:
+        raise ValueError(f"crowd is the share of images with a crowd region, in [0, 1], got {crowd}")
     stats = {}
     categories = [{"id": i, "name": n, "supercategory": "shape"} for n, i in SHAPES.items()]
     for split, n, offset in (("train", n_train, 0), ("val", n_val, 10 ** 6)):
         os.makedirs(os.path.join(root, f"{split}2017"), exist_ok=True)
         images, anns, buckets = [], [], {"small": 0, "medium": 0, "large": 0}
+        if crowd > 0:
+            buckets["crowd"] = 0
         for i in tqdm(range(n), desc=f"shapes {split}", disable=not progress, leave=False):
             rng = random.Random(seed * 7919 + offset + i)
-            img, objects = _make_image(rng, size, max_objects)
+            h, w = sizes[i % len(sizes)] if sizes else (size, size)
+            crowd_rng = random.Random(f"crowd {seed} {split} {i}")  # its own: the objects stay the same
+            if crowd_rng.random() >= crowd:
+                crowd_rng = None
+            img, objects, crowd_region = _make_image(rng, h, w, max_objects, crowd_rng)
             name = f"{i:06d}.png"
             img.save(os.path.join(root, f"{split}2017", name))
-            images.append({"id": i + 1, "file_name": name, "height": size, "width": size})
+            images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
             for kind, pts, (x0, y0, x1, y1) in objects:
                 area = _polygon_area(pts)
                 buckets["small" if area < 32 ** 2 else "medium" if area < 96 ** 2 else "large"] += 1
@@ -173,6 +232,15 @@ def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, p
                              "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                              "area": round(area, 2), "iscrowd": 0,
                              "segmentation": [[round(c, 2) for p in pts for c in p]]})
+            if crowd_region is not None:
+                kind, mask = crowd_region
+                ys, xs = np.nonzero(mask)
+                x0, y0 = int(xs.min()), int(ys.min())
+                box = [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]  # of its pixels, as toBbox
+                buckets["crowd"] += 1
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": SHAPES[kind], "bbox": box,
+                             "area": int(mask.sum()), "iscrowd": 1,
+                             "segmentation": {"size": [h, w], "counts": _rle_counts(mask)}})
         coco = {"images": images, "annotations": anns, "categories": categories,
                 "info": {"description": f"mtpd shapes benchmark, seed {seed}"}}
         os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
@@ -438,19 +506,21 @@ def write_results(path, results):
 
 
 @torch.no_grad()
-def latency(model, loader, device, warmup=3, n=20):
-    """Median milliseconds per image of single-image forward passes (eval mode, no grad) over the images of
-    loader.dataset (cycled if fewer than warmup + n), after `warmup` untimed passes. Loading is not timed;
-    on CUDA the clock waits for the GPU (torch.cuda.synchronize)."""
+def latency(model, loader, device, warmup=3, n=20, precision="fp32"):
+    """Median milliseconds per image of single-image forward passes (eval mode, no grad, under the
+    precision's autocast) over the images of loader.dataset (cycled if fewer than warmup + n), after
+    `warmup` untimed passes. Loading is not timed; on CUDA the clock waits for the GPU (synchronize)."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CUDA runs asynchronously
     model.eval()
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     ds, times = loader.dataset, []
     for i in range(warmup + n):
         image = ds[i % len(ds)][0].to(device)
         sync()
         start = time.perf_counter()
-        model([image])
+        with torch.autocast(device.type, low or torch.bfloat16, enabled=low is not None):
+            model([image])
         sync()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[warmup:])

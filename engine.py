@@ -1,6 +1,6 @@
-"""The training engine behind train.py: torchrun/DDP helpers, loaders, checkpoints, the training loop
-(with its CUDA fast path), evaluation and the cost matrix. Plain functions with explicit arguments; all
-configuration (presets, flags) stays in train.py.
+"""The training engine behind train.py: torchrun/DDP helpers, the precision chosen by the device, loaders,
+checkpoints, the training loop (with its teacher-feature cache), evaluation and the cost matrix. Plain
+functions with explicit arguments; all configuration (presets, flags) stays in train.py.
 
 One process is the default. Under `torchrun --nproc_per_node N train.py ...` every rank runs the same
 code: DDP wraps the student and its adapters, each rank keeps its own frozen teacher replica, each rank

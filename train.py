@@ -245,9 +245,9 @@ def cmd_eval(args):
             data.write_results(os.path.join(args.out, f"detections_{iou_type}.json"), results)
     if args.out:
         print(f"wrote {', '.join(f'detections_{k}.json' for k in kinds)} to {args.out}")
-    ms = data.latency(model, val_loader, device)
+    ms = data.latency(model, val_loader, device, precision=args.precision)
     print(f"latency: {ms:.1f} ms/image (median of 20 single-image forward passes after 3 warm-up ones, "
-          f"{device.type}, batch 1)")
+          f"{device.type}, {args.precision}, batch 1)")
 
 
 def cmd_cost(args):
