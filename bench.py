@@ -186,13 +186,14 @@ def p8(device, size, batch, repeats):
     steps = {}
     for mode, caches in (("student", None), ("forward", None), ("cached", [cache])):
         teachers = [] if mode == "student" else [teacher]
-        m = engine.Distilled(student.train(), teachers, adapters if teachers else [], 1.0, None, precision, caches)
+        m = engine.Distilled(student.train(), teachers, adapters if teachers else [], 1.0, None,
+                             precision, caches)
         params = [p for p in m.parameters() if p.requires_grad]
         opt = engine.adamw(params, 1e-4, RECIPE["weight_decay"], fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        steps[mode] = lambda s=(m, opt, sched, params), sc=scaler: engine.train_step(*s, images, targets, precision,
-                                                                                     RECIPE["clip"], sc)
+        steps[mode] = (lambda s=(m, opt, sched, params), sc=scaler:
+                       engine.train_step(*s, images, targets, precision, RECIPE["clip"], sc))
     t = interleaved({**steps, "fill": fill}, device, repeats)
     per_image = cache.nbytes() / len(images)
     return {"p8_teacher_share_cached": (t["cached"] - t["student"]) / t["cached"],
@@ -363,7 +364,8 @@ def p4(device, size, batch, repeats):
     student = detector("retinanet_r18", 0.5, size, device)
     teacher = mtpd.freeze(detector("retinanet_r50", 1.0, size, device))
     m, opt, sched, params = stage(student, [teacher], images)
-    engine.train_step(m, opt, sched, params, images, targets, "fp32", RECIPE["clip"])  # one real distillation step
+    # one real distillation step
+    engine.train_step(m, opt, sched, params, images, targets, "fp32", RECIPE["clip"])
     m.hook.remove()
     exported = engine.build(engine.make_spec("s", "retinanet_r18", 0.5, size, [1, 2, 3, 5, 8], **SMALL))
     exported.load_state_dict(student.state_dict(), strict=True)  # what student.pt holds
@@ -432,7 +434,8 @@ def main():
               f"{res['cuda_fast']['p1_distill_step_ratio']:.3f}")
     print(f"fused AdamW alone: student {res['p7_train_student_fused_only']:.2f}x, teacher "
           f"{res['p7_train_teacher_fused_only']:.2f}x the plain step; channels_last in float32: "
-          f"{res['p7_train_student_fp32_channels_last']:.2f}x, {res['p7_train_teacher_fp32_channels_last']:.2f}x")
+          f"{res['p7_train_student_fp32_channels_last']:.2f}x, "
+          f"{res['p7_train_teacher_fp32_channels_last']:.2f}x")
     print(f"a bf16 step takes {res['p7_bf16_vs_fp32_student']:.2f}x (student), "
           f"{res['p7_bf16_vs_fp32_teacher']:.2f}x (teacher) the fused float32 step here")
     print(f"P8 with the teacher's forward at every step: {res['p8_teacher_share_forward']:.2f} of the step; cached "

@@ -81,9 +81,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _native(device, precision):
-    """(native, what the device is): whether `device` computes `precision` natively. A CPU asks oneDNN (AVX-512
-    BF16 / AMX; without it, bf16 and fp16 are emulated and several times slower than float32); a GPU asks
-    for tensor cores of that type (bf16 from Ampere on; fp16 from Volta on; pre-Ampere GPUs emulate bf16)."""
+    """(native, what the device is): whether `device` computes `precision` natively. A CPU asks oneDNN
+    (AVX-512 BF16 / AMX; without it, bf16 and fp16 are emulated and several times slower than float32); a
+    GPU asks for tensor cores of that type (bf16 from Ampere on; fp16 from Volta on; pre-Ampere GPUs
+    emulate bf16)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         name = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
@@ -153,7 +154,8 @@ class Batches(torch.utils.data.Sampler):
         while True:
             epoch, i = divmod(step, self.per_pass)
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            mine = self.shard[torch.randperm(len(self.shard), generator=g)]  # one process: a permutation of all
+            # one process: a permutation of all
+            mine = self.shard[torch.randperm(len(self.shard), generator=g)]
             yield mine[i * self.batch:(i + 1) * self.batch].tolist()
             step += 1
 
@@ -375,7 +377,8 @@ def cache_key(teacher, dataset, indices, strides, device, precision):
     normalisation), the images (dataset, this rank's shard) and their augmentation, the levels, the device
     and the precision."""
     t = teacher.transform
-    transform = (t.min_size, t.max_size, t.size_divisible, t.fixed_size, tuple(t.image_mean), tuple(t.image_std))
+    transform = (t.min_size, t.max_size, t.size_divisible, t.fixed_size, tuple(t.image_mean),
+                 tuple(t.image_std))
     where = (getattr(dataset, "root", None), getattr(dataset, "split", None), len(dataset),
              tuple(getattr(dataset, "augmentations", ())))
     return (getattr(teacher, "source", None), transform, where, tuple(indices), tuple(strides), str(device),
@@ -489,7 +492,8 @@ def train_step(step_module, opt, sched, params, images, targets, precision, clip
 
 def adamw(params, lr, weight_decay, fused=False):
     """AdamW. fused: one kernel for all parameters instead of a loop over them (faster on a CPU as on a GPU,
-    in any precision: bench.py P7). A device without the fused kernel falls back to the loop, with one line."""
+    in any precision: bench.py P7). A device without the fused kernel falls back to the loop, with one
+    line."""
     params = list(params)
     if fused:
         try:
@@ -556,11 +560,14 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
         except ValueError as e:  # no common FPN stride, nothing to inherit
             fail(f"cannot distil {desc}: {e}")
     caches = None
-    if teachers and recipe["cache"] and mechanism == "l2":  # a mechanism other than the L2 reads the exact map
-        caches = [teacher_cache(t, loader.dataset, [int(k) for k in a], device, precision, loader.batch_sampler.batch,
-                                f"{desc} teacher {i + 1} features", loader.batch_sampler.shard, recipe["cache_gib"])
+    # a mechanism other than the L2 reads the exact map
+    if teachers and recipe["cache"] and mechanism == "l2":
+        caches = [teacher_cache(t, loader.dataset, [int(k) for k in a], device, precision,
+                                loader.batch_sampler.batch, f"{desc} teacher {i + 1} features",
+                                loader.batch_sampler.shard, recipe["cache_gib"])
                   for i, (t, a) in enumerate(zip(teachers, adapters))]
-    step_module = Distilled(model, teachers, adapters, lam, mechs, precision, caches).to(device, memory_format=fmt)
+    step_module = Distilled(model, teachers, adapters, lam, mechs, precision,
+                            caches).to(device, memory_format=fmt)
     hook = step_module.hook
     params = [p for p in step_module.parameters() if p.requires_grad]
     opt = adamw(params, recipe["lr"], recipe["weight_decay"], fused=recipe["fused"])
@@ -590,7 +597,8 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-            losses = train_step(step_module, opt, sched, params, images, targets, precision, recipe["clip"], scaler)
+            losses = train_step(step_module, opt, sched, params, images, targets, precision, recipe["clip"],
+                                scaler)
             if step % 10 == 0 or step == steps - 1:  # read values (a host sync) only at log intervals
                 vals = {k: v.item() for k, v in losses.items()}
                 if not all(math.isfinite(v) for v in vals.values()):

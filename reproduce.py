@@ -227,7 +227,8 @@ def every_order(student, teachers, bgs, steps, out, train_loader, val_loader, lo
             "bgs_rank": analysis.rank_of(rows, bgs)}
 
 
-def check_setup(out, student, teachers, steps, lr, lam, seed, inherit=False, adapter="auto", precision="fp32"):
+def check_setup(out, student, teachers, steps, lr, lam, seed, inherit=False, adapter="auto",
+                precision="fp32"):
     """every_order's cache is keyed by teachers only: out/setup.json records the rest, and a folder that
     holds the orders of another setup is refused rather than silently reused."""
     setup = {"student": os.path.abspath(student), "steps": steps, "lr": lr, "lam": lam, "seed": seed,

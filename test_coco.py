@@ -357,7 +357,8 @@ def write_vga(root, n_train=2, n_val=1):
         for im in images:
             Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(
                 os.path.join(root, f"{split}2017", im["file_name"]))
-        anns = [ann(i + 1, i + 1, 3 if i % 2 else 17, [[100, 100, 300, 100, 300, 250, 100, 250]]) for i in range(n)]
+        anns = [ann(i + 1, i + 1, 3 if i % 2 else 17, [[100, 100, 300, 100, 300, 250, 100, 250]])
+                for i in range(n)]
         os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
         json.dump({"images": images, "annotations": anns, "categories": [{"id": 3}, {"id": 17}]},
                   open(ann_path(root, split), "w"))
@@ -401,22 +402,27 @@ def test_train_on_coco_data_with_torchvision_weights_builds_torchvisions_model(v
     import train
     ds = data.CocoDetection(vga, "train", masks=False)
     with torch.device("meta"):  # the modules' settings without allocating (or initialising) their weights
-        want = recipe_of(torchvision.models.get_model(builder, weights=None, weights_backbone=None, num_classes=3))
+        want = recipe_of(torchvision.models.get_model(builder, weights=None, weights_backbone=None,
+                                                      num_classes=3))
     for weights_flag in (weights, None):  # with the weights, and on --data alone
         args = argparse.Namespace(weights=weights_flag, data=vga, min_size=0, max_size=0, anchor_base=0)
         sizes = train.input_sizes(args, ds)
-        spec = engine.make_spec("m", name, 1.0, sizes["min_size"], ds.category_ids, max_size=sizes["max_size"],
-                                anchor_base=sizes["anchor_base"], pretrained=weights_flag is not None)
+        spec = engine.make_spec("m", name, 1.0, sizes["min_size"], ds.category_ids,
+                                max_size=sizes["max_size"], anchor_base=sizes["anchor_base"],
+                                pretrained=weights_flag is not None)
         with torch.device("meta"):
             assert recipe_of(engine.build(spec)) == want
     args = argparse.Namespace(weights=None, data=None, min_size=0, max_size=0, anchor_base=0)
-    assert train.input_sizes(args, ds) == {"min_size": 480, "max_size": 480, "anchor_base": 60}  # built-in rule
+    # built-in rule
+    assert train.input_sizes(args, ds) == {"min_size": 480, "max_size": 480, "anchor_base": 60}
 
 
 def test_train_refuses_sizes_that_contradict_torchvision_weights(vga, tmp_path, capsys):
-    """A size flag that contradicts torchvision weights is one line, exit code 2, before anything is written."""
+    """A size flag that contradicts torchvision weights is one line, exit code 2, before anything is
+    written."""
     from conftest import cli
-    code, err = cli(capsys, "train", "--model", "retinanet_r50", "--weights", "RetinaNet_ResNet50_FPN_Weights.COCO_V1",
+    code, err = cli(capsys, "train", "--model", "retinanet_r50",
+                    "--weights", "RetinaNet_ResNet50_FPN_Weights.COCO_V1",
                     "--data", vga, "--min-size", "512", "--out", tmp_path / "no")
     assert code == 2 and err.count("\n") == 1 and "--min-size 512 conflicts with" in err and "800" in err
     assert not (tmp_path / "no").exists()

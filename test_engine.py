@@ -118,7 +118,8 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
         assert forced == "bf16" and ("several times" in why) != native
     assert engine.choose_precision(cpu, "fp32")[0] == "fp32"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "GPU")
-    for capability, want in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp32")):
+    for capability, want in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16"),
+                             ((6, 1), "fp32")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
         precision, why = engine.choose_precision(cuda)
         assert precision == want, (capability, why)
@@ -135,7 +136,8 @@ def test_cli_says_which_precision_runs_and_why(zoo, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     train.main(["eval", "--ckpt", str(base / "s.pt"), "--data", root, "--batch", "4"])
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("precision")]
-    assert len(lines) == 1 and lines[0].startswith("precision fp32: float32:") and "no native bfloat16" in lines[0]
+    assert (len(lines) == 1 and lines[0].startswith("precision fp32: float32:")
+            and "no native bfloat16" in lines[0])
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     train.main(["cost", "--ckpts", str(base / "s.pt"), str(base / "t1.pt"), "--data", root, "--images", "4",
                 "--out", str(tmp_path / "cost.json")])
@@ -318,14 +320,16 @@ def test_torchrun_cost_matrix_splits_the_images_and_equals_one_process(zoo, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     split = tmp_path / "split.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(HERE, "train.py"), "cost", "--ckpts", *ckpts, "--data", root, "--images", "8",
-                        "--out", str(split)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", os.path.join(HERE, "train.py"), "cost", "--ckpts", *ckpts,
+                        "--data", root, "--images", "8", "--out", str(split)],
+                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = json.load(open(single))["cost"], json.load(open(split))["cost"]
     assert one.keys() == two.keys() and all(one[a].keys() == two[a].keys() for a in one)
     assert all(two[a][b] == pytest.approx(one[a][b], rel=1e-6, abs=1e-9) for a in one for b in one[a])
-    assert len({round(v, 6) for row in one.values() for v in row.values()}) > 1  # a real matrix, not constants
+    # a real matrix, not constants
+    assert len({round(v, 6) for row in one.values() for v in row.values()}) > 1
 
 
 @pytest.mark.slow
@@ -529,8 +533,8 @@ def test_cpu_training_is_deterministic_across_processes(zoo, tmp_path):
     for run in ("a", "b"):
         out = tmp_path / run
         r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "train", "--model", "retinanet_r18",
-                            "--epochs", "1", "--batch", "4", "--data", root, "--min-size", "64", "--seed", "3",
-                            "--out", str(out)],
+                            "--epochs", "1", "--batch", "4", "--data", root, "--min-size", "64",
+                            "--seed", "3", "--out", str(out)],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(torch.load(out / "model.pt", weights_only=True)["model"])

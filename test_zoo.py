@@ -607,7 +607,8 @@ def test_train_cli_loads_weights_files_and_reports_mismatches(shapes, tmp_path):
     src = build_detector("retinanet_r18", cats + 1, min_size=64, max_size=64)
     torch.save(src.state_dict(), tmp_path / "same.pt")
     torch.save(build_detector("retinanet_r18", cats + 4, min_size=64, max_size=64).state_dict(), tmp_path / "other.pt")
-    common = ["train", "--model", "retinanet_r18", "--data", root, "--min-size", "64", "--epochs", "0", "--batch", "4"]
+    common = ["train", "--model", "retinanet_r18", "--data", root, "--min-size", "64", "--epochs", "0",
+              "--batch", "4"]
     r = run_cli(*common, "--weights", tmp_path / "same.pt", "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr[-1500:]
     got = torch.load(tmp_path / "a" / "model.pt", weights_only=True)

@@ -36,7 +36,8 @@ from report import table
 # 'lstsq' (a 1x1 conv started at the least-squares map, fitted on adapter_images training images) or
 # 'conv'; published: the mechanisms' published loss weights. precision, fused, cache, cache_gib, compile,
 # every, resume: how it runs (engine.train_loop); the command line sets them (--precision auto resolves
-# to what the device computes natively: engine.choose_precision), and --lr, --lam, --adapter override the rest.
+# to what the device computes natively: engine.choose_precision), and --lr, --lam, --adapter override
+# the rest.
 RECIPE = dict(lr=3e-4, weight_decay=1e-4, warmup=50, drop_at=0.85, drop=0.1, clip=35.0,
               lam=1.0, adapter="auto", adapter_images=64, published=False,
               precision="fp32", fused=True, cache=True, cache_gib=2.0, compile=False, every=100, resume=False)
@@ -116,8 +117,9 @@ def recipe(args, **run):
     """RECIPE with this command's flags: the precision main() chose (engine.choose_precision), the feature
     cache (--no-cache) and its size, --compile, the resume state every --ckpt-every iterations (continued
     with --resume), and `run` (lr, lam, ...)."""
-    return dict(RECIPE, precision=args.precision, cache=args.cache, cache_gib=args.cache_gib, compile=args.compile,
-                every=getattr(args, "ckpt_every", 0), resume=getattr(args, "resume", False), **run)
+    return dict(RECIPE, precision=args.precision, cache=args.cache, cache_gib=args.cache_gib,
+                compile=args.compile, every=getattr(args, "ckpt_every", 0),
+                resume=getattr(args, "resume", False), **run)
 
 
 def evaluate(model, loader, args):
@@ -190,9 +192,9 @@ TORCHVISION_SIZES = dict(min_size=800, max_size=1333, anchor_base=32)
 
 
 def input_sizes(args, ds):
-    """min_size, max_size and anchor_base of a model `train` builds. With torchvision weights by name, those of
-    torchvision's builder (a flag that disagrees is refused); on --data, torchvision's recipe where no flag
-    is given; on the built-in benchmark, its square images' size and anchors from size / 8."""
+    """min_size, max_size and anchor_base of a model `train` builds. With torchvision weights by name, those
+    of torchvision's builder (a flag that disagrees is refused); on --data, torchvision's recipe where no
+    flag is given; on the built-in benchmark, its square images' size and anchors from size / 8."""
     flags = {k: getattr(args, k) for k in TORCHVISION_SIZES if getattr(args, k)}
     if args.weights and not os.path.isfile(args.weights):
         off = {k: v for k, v in flags.items() if v != TORCHVISION_SIZES[k]}
@@ -204,7 +206,8 @@ def input_sizes(args, ds):
     if args.data:
         return {**TORCHVISION_SIZES, **flags}
     size = flags.get("min_size") or max(ds.coco.imgs[i]["height"] for i in ds.ids)
-    return dict(min_size=size, max_size=flags.get("max_size", size), anchor_base=flags.get("anchor_base", size // 8))
+    return dict(min_size=size, max_size=flags.get("max_size", size),
+                anchor_base=flags.get("anchor_base", size // 8))
 
 
 def coco_indexed(source, cats):
@@ -236,7 +239,8 @@ def cmd_eval(args):
         fail(f"{args.ckpt} was trained on categories {spec['category_ids']}, the data at {root} has "
              f"{ds.category_ids}: evaluate on data of the same categories")
     model.to(memory_format=engine.memory_format(args.precision))
-    bbox, segm = data.predict(model, val_loader, ds.category_ids, device, progress=True, precision=args.precision)
+    bbox, segm = data.predict(model, val_loader, ds.category_ids, device, progress=True,
+                              precision=args.precision)
     kinds = {"bbox": bbox, "segm": segm} if spec["name"].startswith("maskrcnn") else {"bbox": bbox}
     for iou_type, results in kinds.items():
         _, text = data.coco_summary(ds.coco, results, iou_type, text=True)
@@ -385,8 +389,8 @@ def get_args_parser():
     run.add_argument("--batch", type=int, default=8, help="images per batch (per process under torchrun)")
     run.add_argument("--workers", type=int, default=-1, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
     run.add_argument("--precision", default="auto", choices=engine.PRECISIONS,
-                     help="auto (default): bf16 where the device computes it natively, fp16 + GradScaler on a "
-                          "GPU without bf16, else float32; one line at start says which runs and why")
+                     help="auto (default): bf16 where the device computes it natively, fp16 + GradScaler "
+                          "on a GPU without bf16, else float32; one line at start says which runs and why")
     run.add_argument("--cache", action=argparse.BooleanOptionalAction, default=RECIPE["cache"],
                      help="cache each teacher's features per (image, flip) instead of a forward per step "
                           "(L2, one image size, flip only); --no-cache runs the teacher at every step")
@@ -422,12 +426,13 @@ def get_args_parser():
     p.add_argument("--label", help="the model's name in costs and orders (default: --model)")
     p.add_argument("--scale", type=float, default=1.0, help="input resolution factor (0.25..1)")
     p.add_argument("--min-size", type=int, default=0,
-                   help="shorter input side (default: 800 with --data or torchvision weights, as torchvision; "
-                        "the built-in images' size without --data)")
+                   help="shorter input side (default: 800 with --data or torchvision weights, as "
+                        "torchvision; the built-in images' size without --data)")
     p.add_argument("--max-size", type=int, default=0, help="longest input side (default: 1333 with --data or "
                                                             "torchvision weights; --min-size without --data)")
-    p.add_argument("--anchor-base", type=int, default=0, help="finest anchor size (default: 32 with --data or "
-                                                               "torchvision weights; min size / 8 without --data)")
+    p.add_argument("--anchor-base", type=int, default=0,
+                   help="finest anchor size (default: 32 with --data or torchvision weights; min size / 8 "
+                        "without --data)")
     p.add_argument("--weights", help="torchvision weights name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1) or file")
     p.add_argument("--weights-backbone", help="ImageNet weights name (e.g. ResNet50_Weights.IMAGENET1K_V1) or file")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split (0: load and evaluate)")
