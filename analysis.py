@@ -13,6 +13,8 @@ import itertools
 import torch
 from torch import nn
 
+import mtpd
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The objective on fixed batches (§3.5 compares it with validation AP).
@@ -30,19 +32,19 @@ def detection_loss(model, batches, device="cpu"):
     """Mean summed detection loss of `model` over `batches` (a list of (images, targets)).
 
     torchvision detectors return losses only in train mode; BatchNorm is switched to eval inside it so
-    the loss uses the running statistics (as validation does) and no statistic is updated.
+    the loss uses the running statistics (as validation does) and no statistic is updated. Every module's
+    mode is restored afterwards (mtpd.eval_mode).
     """
-    was = model.training
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
     total = 0.0
-    for images, targets in batches:
-        images = [im.to(device) for im in images]
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        total += float(sum(model(images, targets).values()))
-    model.train(was)
+    with mtpd.eval_mode(model):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        for images, targets in batches:
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            total += float(sum(model(images, targets).values()))
     return total / len(batches)
 
 
@@ -64,9 +66,9 @@ def random_direction(model, seed):
         if w.dim() <= 1:
             d[name] = torch.zeros_like(w)
             continue
-        wn = w.detach().float().flatten(1).norm(dim=1).cpu()  # [C_out]; the draw stays on the CPU, then .to(w)
+        wn = w.detach().float().flatten(1).norm(dim=1).cpu()  # [C_out]; the draw stays on the CPU
         rn = r.flatten(1).norm(dim=1)  # [C_out]
-        d[name] = (r * (wn / (rn + 1e-10)).view(-1, *[1] * (w.dim() - 1))).to(w)
+        d[name] = (r * (wn / (rn + 1e-10)).view(-1, *[1] * (w.dim() - 1))).to(w)  # then w's device, dtype
     return d
 
 
@@ -119,17 +121,17 @@ def flatness(land, radius):
 # ---------------------------------------------------------------------------------------------------------
 # All orders (Table 2): is BGS's order close to the best one?
 # ---------------------------------------------------------------------------------------------------------
-def all_orders(teachers, run_prefix):
+def all_orders(teachers, run_order):
     """Distil through every order of `teachers` (n! orders; keep n <= 4).
 
-    run_prefix(prefix) -> metrics dict (with 'AP') of the student after the stages of `prefix` (a tuple of
-    teacher names, first stage first), each stage starting from the student of prefix[:-1]. The caller
-    caches by prefix, so orders that share a prefix share its stages: sum_l n!/(n-l)! stages, not n * n!.
+    run_order(order) -> [metrics dict (with 'AP') after each stage of `order`, first stage first]: one
+    progressive distillation (mtpd.progressive_distillation). The caller caches each stage by its prefix,
+    so orders that share a prefix share its stages: sum_l n!/(n-l)! stages, not n * n!.
     Returns [{"order": [...], "AP": final AP, "stage_AP": [AP after each stage]}], best first.
     """
     rows = []
     for order in itertools.permutations(teachers):
-        stage_ap = [run_prefix(order[:i + 1])["AP"] for i in range(len(order))]
+        stage_ap = [m["AP"] for m in run_order(list(order))]
         rows.append({"order": list(order), "AP": stage_ap[-1], "stage_AP": stage_ap})
     return sorted(rows, key=lambda r: -r["AP"])
 
@@ -143,7 +145,8 @@ def rank_of(rows, order):
 # ---------------------------------------------------------------------------------------------------------
 # Both analyses of §3.5 for a set of students.
 # ---------------------------------------------------------------------------------------------------------
-def generalization_and_flatness(paths, final, load, evaluate, batches, radii=(0.2, 0.4), device="cpu", **land):
+def generalization_and_flatness(paths, final, load, evaluate, batches, radii=(0.2, 0.4), device="cpu",
+                                **land):
     """paths: {student name: [(iterations after OTS, checkpoint loader key, known metrics or None)]}, the
     points of each student at the stage boundaries; final: {name: key} of the students whose landscape
     is drawn. load(key) -> model; evaluate(model) -> metrics with 'AP' (called only when not known).
@@ -157,6 +160,7 @@ def generalization_and_flatness(paths, final, load, evaluate, batches, radii=(0.
             model = load(key).to(device)
             ap = (metrics or evaluate(model))["AP"]
             gen[name].append({"step": step, "AP": ap, "det_loss": detection_loss(model, batches, device)})
-    lands = {name: landscape(load(key).to(device), batches, device=device, **land) for name, key in final.items()}
+    lands = {name: landscape(load(key).to(device), batches, device=device, **land)
+             for name, key in final.items()}
     return {"generalization": gen, "landscape": lands,
             "flatness": {name: {str(r): flatness(ld, r) for r in radii} for name, ld in lands.items()}}

@@ -19,10 +19,9 @@ import torch
 
 import engine
 import mtpd
-from train import RECIPE
+from train import RECIPE, SMALL  # SMALL: the default preset's light RetinaNet
+import models
 from models import count_params, fpn_features
-
-SMALL = dict(fpn_channels=128, head_convs=2)  # the default preset's light RetinaNet
 
 
 def sync(device):
@@ -59,8 +58,9 @@ def fake_batch(n, size, device, seed=0):
 
 def stage(student, teachers, images, lam=1.0):
     """The pieces engine.train_loop builds for a stage: Distilled module, AdamW, schedule."""
-    adapters = engine.make_adapters(student, teachers, images)[0] if teachers else []
-    m = engine.Distilled(student.train(), [mtpd.freeze(t) for t in teachers], adapters, lam).to(images[0].device)
+    adapters = engine.stage_adapters(student, teachers, images)[0] if teachers else []
+    m = engine.Distilled(student.train(), [mtpd.freeze(t) for t in teachers], adapters,
+                         lam).to(images[0].device)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     return m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), params
@@ -82,7 +82,7 @@ def p1(device, size, batch, repeats, precision="fp32"):
         engine.train_step(*plain, images, targets, precision, RECIPE["clip"], scaler)
 
     def teacher_forward():
-        with torch.no_grad(), engine.autocast(device, precision):
+        with torch.no_grad(), models.autocast(device, precision):
             fpn_features(teacher, images)
 
     def distill_step():
@@ -150,7 +150,7 @@ def p7(device, size, batch, repeats):
                 e = detector(name, scale, size, device).eval().to(memory_format=fmt)
 
                 def run(e=e, p=prec):
-                    with torch.no_grad(), engine.autocast(device, p):
+                    with torch.no_grad(), models.autocast(device, p):
                         e(images)
                 evals[mode] = run
         t, te = interleaved(fns, device, repeats), interleaved(evals, device, repeats)
@@ -172,10 +172,10 @@ def p8(device, size, batch, repeats):
     fmt = engine.memory_format(precision)
     student = detector("retinanet_r18", 0.5, size, device).to(memory_format=fmt)
     teacher = mtpd.freeze(detector("retinanet_r50", 1.0, size, device).to(memory_format=fmt))
-    adapters = engine.make_adapters(student, [teacher], images)[0]
+    adapters = engine.stage_adapters(student, [teacher], images)[0]
 
     def fill():
-        with torch.no_grad(), engine.autocast(device, precision):
+        with torch.no_grad(), models.autocast(device, precision):
             feats = fpn_features(teacher, images)
         keep = torch.float32 if precision == "fp32" else torch.float16  # as engine.teacher_cache keeps them
         return engine.FeatureCache({(i, False): {int(s): feats[int(s)][i].to(keep) for s in adapters[0]}
@@ -235,7 +235,8 @@ def pair_rows(batches, a, b, s):
     for f in batches:
         xa = f[a][s]
         if xa.shape[-2:] != f[b][s].shape[-2:]:
-            xa = torch.nn.functional.interpolate(xa, size=f[b][s].shape[-2:], mode="bilinear", align_corners=False)
+            xa = torch.nn.functional.interpolate(xa, size=f[b][s].shape[-2:], mode="bilinear",
+                                                 align_corners=False)
         xs.append(mtpd._rows(xa).float())
         ys.append(mtpd._rows(f[b][s]).float())
     return torch.cat(xs), torch.cat(ys)
@@ -356,7 +357,8 @@ def p3(device, size, batch, steps):
     # The peak of the whole process (both models resident in both). On a CPU the part the steps add
     # (`added_bytes`) is also reported, but glibc's allocator makes it vary by tens of MB between runs.
     return {"p3_peak_mem_ratio": res["distill"]["peak_bytes"] / res["plain"]["peak_bytes"],
-            "p3_added_mem_ratio": res["distill"]["added_bytes"] / max(res["plain"]["added_bytes"], 1), "p3": res}
+            "p3_added_mem_ratio": res["distill"]["added_bytes"] / max(res["plain"]["added_bytes"], 1),
+            "p3": res}
 
 
 def p4(device, size, batch, repeats):
@@ -400,7 +402,8 @@ def main():
         return mem_worker(args.mem_worker, device, size, args.batch, args.steps)
     reps = 10 if args.quick else 20
     t0 = time.time()
-    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+    res = {"device": (torch.cuda.get_device_name() if device.type == "cuda"
+                      else f"cpu x{torch.get_num_threads()}"),
            "size": size, "batch": args.batch, "torch": torch.__version__}
     res.update(p1(device, size, args.batch, reps))
     low, _ = engine.choose_precision(device, "auto")
@@ -417,10 +420,11 @@ def main():
     res.update(p4(device, size, args.batch, reps))
     res["wall_s"] = round(time.time() - t0, 1)
     engine.save_json(args.out, res)
-    goals = {"p1_distill_step_ratio": "<= 1.10", "p2_cost_vs_forward_ratio": "<= 1.3", "p2_sgd_speedup": ">= 10",
-             "p2_sgd_loss_ratio": "<= 1.0", "p3_peak_mem_ratio": "<= 1.10", "p4_param_ratio": "= 1.0",
-             "p4_latency_ratio": "= 1.0 (noise)", "p7_train_student": ">= 1.0", "p7_train_teacher": ">= 1.0",
-             "p7_eval_student": ">= 1.0", "p7_eval_teacher": ">= 1.0", "p8_teacher_share_cached": "<= 0.2"}
+    goals = {"p1_distill_step_ratio": "<= 1.10", "p2_cost_vs_forward_ratio": "<= 1.3",
+             "p2_sgd_speedup": ">= 10", "p2_sgd_loss_ratio": "<= 1.0", "p3_peak_mem_ratio": "<= 1.10",
+             "p4_param_ratio": "= 1.0", "p4_latency_ratio": "= 1.0 (noise)", "p7_train_student": ">= 1.0",
+             "p7_train_teacher": ">= 1.0", "p7_eval_student": ">= 1.0", "p7_eval_teacher": ">= 1.0",
+             "p8_teacher_share_cached": "<= 0.2"}
     print(f"device {res['device']}, {size} px, batch {args.batch}; auto precision {res['auto_precision']}: "
           f"{res['auto_reason']}")
     for k, g in goals.items():
@@ -438,8 +442,8 @@ def main():
           f"{res['p7_train_teacher_fp32_channels_last']:.2f}x")
     print(f"a bf16 step takes {res['p7_bf16_vs_fp32_student']:.2f}x (student), "
           f"{res['p7_bf16_vs_fp32_teacher']:.2f}x (teacher) the fused float32 step here")
-    print(f"P8 with the teacher's forward at every step: {res['p8_teacher_share_forward']:.2f} of the step; cached "
-          f"steps are {res['p8_cached_vs_forward_speedup']:.2f}x faster; filling costs "
+    print(f"P8 with the teacher's forward at every step: {res['p8_teacher_share_forward']:.2f} of the step; "
+          f"cached steps are {res['p8_cached_vs_forward_speedup']:.2f}x faster; filling costs "
           f"{res['p8_fill_per_image_vs_step']:.2f} cached steps per image; the default data's cache "
           f"(800 images, 2 flips): {res['p8_cache_mib_default_data']:.0f} MiB")
     print(f"wrote {args.out} ({res['wall_s']:.0f} s)")

@@ -22,7 +22,8 @@ def tiny_detector(name="retinanet_r18", scale=1.0, num_classes=8, size=64, **kw)
 def tiny_batch(n=2, size=64):
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
-    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 24.0]]), "labels": torch.tensor([1])} for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 24.0]]), "labels": torch.tensor([1])}
+               for _ in range(n)]
     return images, targets
 
 
@@ -47,7 +48,8 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    """A tiny COCO-format folder and tiny student/teacher checkpoints trained on it (spec'd like train.py's)."""
+    """A tiny COCO-format folder and tiny student/teacher checkpoints trained on it (spec'd like
+    train.py's)."""
     base = tmp_path_factory.mktemp("zoo")
     root = str(base / "data")
     data.make_shapes(root, n_train=8, n_val=4, size=64, seed=5, progress=False)

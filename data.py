@@ -21,6 +21,23 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from models import autocast
+
+# ---------------------------------------------------------------------------------------------------------
+# Files are written whole or not at all: the annotations below, results, checkpoints (engine), reports.
+# ---------------------------------------------------------------------------------------------------------
+def atomic_write(path, write, mode="w"):
+    """Write `path` atomically: write(f) fills a temp file in the same folder, flushed and fsynced, which
+    then replaces `path` (os.replace): a crash leaves the old file or none, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The embedded benchmark: shapes on cluttered, noisy backgrounds.
 # ---------------------------------------------------------------------------------------------------------
@@ -243,11 +260,8 @@ def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, p
                              "segmentation": {"size": [h, w], "counts": _rle_counts(mask)}})
         coco = {"images": images, "annotations": anns, "categories": categories,
                 "info": {"description": f"mtpd shapes benchmark, seed {seed}"}}
-        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
         path = os.path.join(root, "annotations", f"instances_{split}2017.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(coco, f)
-        os.replace(path + ".tmp", path)  # the json last, atomically: its presence means "complete"
+        atomic_write(path, lambda f: json.dump(coco, f))  # the json last: its presence means "complete"
         stats[split] = {"images": n, **buckets}
     return stats
 
@@ -271,7 +285,8 @@ def read_annotations(path, image_dir):
     except FileNotFoundError:
         raise DataError(f"annotation file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"annotation file {path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+        raise DataError(f"annotation file {path} is not valid JSON "
+                        f"({str(e).splitlines()[0][:120]})") from None
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(d, dict) or k not in d]
     if missing:
         raise DataError(f"annotation file {path} lacks {', '.join(missing)}: a COCO instances file needs "
@@ -280,7 +295,8 @@ def read_annotations(path, image_dir):
                       ("annotations", ("id", "image_id", "category_id", "bbox")), ("categories", ("id",))):
         bad = next((x for x in d[key] if not isinstance(x, dict) or any(k not in x for k in need)), None)
         if bad is not None:
-            raise DataError(f"annotation file {path}: an entry of '{key}' lacks one of {list(need)}: {str(bad)[:80]}")
+            raise DataError(f"annotation file {path}: an entry of '{key}' lacks one of {list(need)}: "
+                            f"{str(bad)[:80]}")
         dup = next((i for i, n in collections.Counter(x["id"] for x in d[key]).items() if n > 1), None)
         if dup is not None:
             raise DataError(f"annotation file {path}: id {dup} appears more than once in '{key}'")
@@ -290,9 +306,11 @@ def read_annotations(path, image_dir):
         if problem:
             raise DataError(f"annotation file {path}: annotation {a['id']}: {problem}")
         a.setdefault("area", a["bbox"][2] * a["bbox"][3])
-    absent = [im["file_name"] for im in d["images"] if not os.path.isfile(os.path.join(image_dir, im["file_name"]))]
+    absent = [im["file_name"] for im in d["images"]
+              if not os.path.isfile(os.path.join(image_dir, im["file_name"]))]
     if absent:
-        raise DataError(f"{len(absent)} image(s) listed in {path} are missing from {image_dir}, e.g. {absent[0]}")
+        raise DataError(f"{len(absent)} image(s) listed in {path} are missing from {image_dir}, "
+                        f"e.g. {absent[0]}")
     coco = COCO()
     coco.dataset = d
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -301,7 +319,7 @@ def read_annotations(path, image_dir):
 
 
 def _ann_problem(a, images, cats):
-    """What keeps annotation `a` from being used, given the file's {image id: image} and category ids; or None."""
+    """What keeps annotation `a` from use, given the file's {image id: image} and category ids; or None."""
     b, s, image = a["bbox"], a.get("segmentation", []), images.get(a["image_id"])
     if image is None or a["category_id"] not in cats:
         return (f"image_id {a['image_id']} is not in 'images'" if image is None else
@@ -382,7 +400,8 @@ class CocoDetection(torch.utils.data.Dataset):
                                      "a mask model needs instance masks")
                 self.instances[i].append((box, a))
         if dropped:  # once per dataset, not per item
-            print(f"{path}: dropped {dropped} degenerate boxes (width or height < 1 px after clipping to the image)")
+            print(f"{path}: dropped {dropped} degenerate boxes "
+                  "(width or height < 1 px after clipping to the image)")
 
     def __len__(self):
         return len(self.ids)
@@ -399,11 +418,12 @@ class CocoDetection(torch.utils.data.Dataset):
         file = os.path.join(self.root, f"{self.split}2017", info["file_name"])
         image = load_image(file)  # [3, H, W]
         if image.shape[1:] != (h, w):
-            raise DataError(f"image {file} is {image.shape[2]}x{image.shape[1]} px, its annotation says {w}x{h}")
+            raise DataError(f"image {file} is {image.shape[2]}x{image.shape[1]} px, its annotation says "
+                            f"{w}x{h}")
         kept = self.instances[image_id]
         boxes = torch.tensor([b for b, _ in kept], dtype=torch.float32).reshape(-1, 4)
-        target = {"boxes": boxes,
-                  "labels": torch.tensor([self.cat_to_label[a["category_id"]] for _, a in kept], dtype=torch.int64),
+        labels = [self.cat_to_label[a["category_id"]] for _, a in kept]
+        target = {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64),
                   "image_id": image_id, "flipped": flip}
         if self.masks:
             target["masks"] = torch.from_numpy(np.stack([ann_mask(a["segmentation"], h, w) for _, a in kept])
@@ -441,14 +461,14 @@ def predict(model, loader, category_ids, device, progress=False, precision="fp32
     from tqdm import tqdm
     model.eval()
     bbox, segm = [], []
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        with torch.autocast(torch.device(device).type, low or torch.bfloat16, enabled=low is not None):
+        with autocast(device, precision):
             outputs = model([im.to(device, non_blocking=True) for im in images])
         for out, tgt in zip(outputs, targets):
             b = out["boxes"].float().cpu()
             b[:, 2:] -= b[:, :2]  # xyxy -> xywh
-            for i, (box, score, label) in enumerate(zip(b.tolist(), out["scores"].tolist(), out["labels"].tolist())):
+            rows = zip(b.tolist(), out["scores"].tolist(), out["labels"].tolist())
+            for i, (box, score, label) in enumerate(rows):
                 det = {"image_id": tgt["image_id"], "category_id": category_ids[label - 1],
                        "bbox": [round(v, 2) for v in box], "score": round(score, 4)}
                 bbox.append(det)
@@ -490,19 +510,10 @@ def score(coco_gt, bbox, segm=()):
     return out
 
 
-def evaluate(model, loader, device, progress=False, precision="fp32"):
-    """score() of `model`'s detections on loader.dataset (a CocoDetection)."""
-    ds = loader.dataset
-    return score(ds.coco, *predict(model, loader, ds.category_ids, device, progress, precision))
-
-
 def write_results(path, results):
-    """COCO results-format JSON (a list of {image_id, category_id, bbox or segmentation, score}) written
-    atomically: a temp file in the same folder, then os.replace (a crash leaves no half-written file)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f)
-    os.replace(path + ".tmp", path)
+    """COCO results-format JSON (a list of {image_id, category_id, bbox or segmentation, score}), written
+    with atomic_write (a crash leaves no half-written file)."""
+    atomic_write(path, lambda f: json.dump(results, f))
 
 
 @torch.no_grad()
@@ -513,13 +524,12 @@ def latency(model, loader, device, warmup=3, n=20, precision="fp32"):
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CUDA runs asynchronously
     model.eval()
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     ds, times = loader.dataset, []
     for i in range(warmup + n):
         image = ds[i % len(ds)][0].to(device)
         sync()
         start = time.perf_counter()
-        with torch.autocast(device.type, low or torch.bfloat16, enabled=low is not None):
+        with autocast(device, precision):
             model([image])
         sync()
         times.append(time.perf_counter() - start)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import data
 import mechanisms
 import mtpd
-from models import build_detector, fpn_features, inherit
+from models import autocast, build_detector, fpn_features, inherit
 
 
 class InputError(Exception):
@@ -39,7 +39,8 @@ def init_distributed(device):
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA GPU is visible; use --device cpu")
     if "RANK" not in os.environ or dist.is_initialized():
-        return torch.device(device, int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
+        return (torch.device(device, int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda"
+                else torch.device(device))
     local = int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         torch.cuda.set_device(local)
@@ -77,7 +78,6 @@ def from_main(obj):
 # Precision, chosen by the machine: low precision only where the device computes it natively.
 # ---------------------------------------------------------------------------------------------------------
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _native(device, precision):
@@ -115,13 +115,6 @@ def choose_precision(device, asked="auto"):
     if device.type == "cuda" and _native(device, "fp16")[0]:
         return "fp16", f"fp16 autocast with a GradScaler: {what} has fp16 but no bf16 tensor cores"
     return "fp32", f"float32: {what} has no native bfloat16, where bf16 runs several times slower"
-
-
-def autocast(device, precision):
-    """The autocast context of a precision (disabled for fp32). The feature loss, the anchors, P6/P7 and the
-    boxes stay float32 under it (mtpd.feature_loss, models.py)."""
-    device = torch.device(device)
-    return torch.autocast(device.type, DTYPES[precision], enabled=precision != "fp32")
 
 
 def memory_format(precision):
@@ -171,7 +164,8 @@ def loaders(root, batch, seed, masks, device=torch.device("cpu"), workers=0):
     if len(train) == 0 or len(val) == 0:
         fail(f"{root} has an empty split ({len(train)} train, {len(val)} val images); both need images")
     pin = device.type == "cuda"  # pinned host memory makes the non_blocking copies asynchronous
-    common = dict(collate_fn=data.collate, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    common = dict(collate_fn=data.collate, num_workers=workers, pin_memory=pin,
+                  persistent_workers=workers > 0)
     # its own generator: creating an iterator then draws its worker seed from it, not from the global
     # RNG that the flips use (otherwise a resumed run would flip differently)
     train_loader = torch.utils.data.DataLoader(train, batch_sampler=Batches(len(train), batch, seed),
@@ -185,9 +179,11 @@ def loaders(root, batch, seed, masks, device=torch.device("cpu"), workers=0):
 # ---------------------------------------------------------------------------------------------------------
 def make_spec(label, name, scale, size, category_ids, max_size=None, anchor_base=None, **kw):
     """What rebuilds a model: build_detector's arguments plus its label and the data's category ids.
-    Defaults for the built-in data (square images of `size`); COCO: size 800, max_size 1333, anchor_base 32."""
+    Defaults for the built-in data (square images of `size`); COCO: size 800, max_size 1333,
+    anchor_base 32."""
     return dict(label=label, name=name, num_classes=len(category_ids) + 1, scale=scale, min_size=size,
-                max_size=max_size or size, anchor_base=anchor_base or size // 8, category_ids=list(category_ids), **kw)
+                max_size=max_size or size, anchor_base=anchor_base or size // 8,
+                category_ids=list(category_ids), **kw)
 
 
 def build(spec, seed=None):
@@ -199,16 +195,13 @@ def build(spec, seed=None):
 
 
 def save(path, obj):
-    """Atomic write on rank 0 (temp file in the same folder, fsync, rename): a crash leaves the old file
-    intact. Every rank waits for it, so any rank may read the file right after."""
+    """Atomic write on rank 0 (data.atomic_write: a crash leaves the old file intact) of a torch object or a
+    string. Every rank waits for it, so any rank may read the file right after."""
     if is_main():
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(obj, f) if not isinstance(obj, (str, bytes)) else f.write(obj.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if isinstance(obj, str):
+            data.atomic_write(path, lambda f: f.write(obj))
+        else:
+            data.atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
     barrier()
 
 
@@ -275,8 +268,8 @@ def jsonl(path):
 # ---------------------------------------------------------------------------------------------------------
 def lr_at(step, steps, recipe):
     """The LR factor at `step` of `steps`: linear warm-up over recipe['warmup'] iterations, constant, then
-    x recipe['drop'] from the fraction recipe['drop_at'] on (from scratch, decaying early hurts: measured,
-    cosine decay over a 5-minute CPU run gave 0.33 AP where a constant LR gave 0.46)."""
+    x recipe['drop'] from the fraction recipe['drop_at'] on (from scratch, decaying early hurts: cosine
+    decay lost to a constant LR, RESULTS.md)."""
     if step < recipe["warmup"]:
         return (step + 1) / recipe["warmup"]
     return recipe["drop"] if step >= recipe["drop_at"] * steps else 1.0
@@ -313,8 +306,8 @@ class Distilled(nn.Module):
             with autocast(images[0].device, self.precision):
                 return fpn_features(teacher, images)
 
-        return mtpd.distill_losses(self.student, images, targets, self.feats, self.teachers, list(self.adapters),
-                                   teacher_features, lam=self.lam,
+        return mtpd.distill_losses(self.student, images, targets, self.feats, self.teachers,
+                                   list(self.adapters), teacher_features, lam=self.lam,
                                    mechanisms=None if self.mechs is None else list(self.mechs),
                                    teacher_boxes=self.boxes, levels=self.levels)
 
@@ -433,10 +426,11 @@ def input_boxes(model, images, targets):
     return [t["boxes"] for t in resized]
 
 
-def make_adapters(student, teachers, images, mechanism="l2", published=False, conv=False):
-    """One nn.ModuleDict of adapters per teacher (mtpd.make_adapters; conv: a learned 1x1 conv even where
-    the widths match); and, for a mechanism other than the L2, one ModuleDict of its per-level modules
-    per teacher, at the teacher's width (the adapter maps the student to it), else None."""
+def stage_adapters(student, teachers, images, mechanism="l2", published=False, conv=False):
+    """A stage's training-only modules: one nn.ModuleDict of adapters per teacher (mtpd.make_adapters; conv:
+    a learned 1x1 conv even where the widths match); and, for a mechanism other than the L2, one
+    ModuleDict of its per-level modules per teacher, at the teacher's width (the adapter maps the student
+    to it), else None."""
     adapters = [mtpd.make_adapters(student, t, images, fpn_features, conv=conv) for t in teachers]
     if mechanism == "l2":
         return adapters, None
@@ -445,25 +439,23 @@ def make_adapters(student, teachers, images, mechanism="l2", published=False, co
 
 
 @torch.no_grad()
-def least_squares_adapters(student, teachers, adapters, dataset, device, n_images, batch=8):
+def init_lstsq_adapters(student, teachers, adapters, dataset, device, n_images, batch=8):
     """--adapter lstsq: each teacher's 1x1-conv adapters start at the least-squares map from the student's
     levels to the teacher's (mtpd.least_squares_adapters), fitted on the first `n_images` training images
     (file order, unflipped, as the cost matrix), the student in eval mode (its BatchNorm statistics are
     left alone), in float32."""
-    mode, n = student.training, min(n_images, len(dataset))
-    student.eval()
-    try:
+    n = min(n_images, len(dataset))
+    with mtpd.eval_mode(student):
         moments = [{} for _ in teachers]
         for j in range(0, n, batch):
             images = [(dataset.load(i, False) if hasattr(dataset, "load") else dataset[i])[0].to(device)
                       for i in range(j, min(j + batch, n))]
             fs = float32(fpn_features(student, images))
             for m, t in zip(moments, teachers):
-                mtpd.accumulate_moments(m, "fit", {"student": fs, "teacher": float32(fpn_features(t, images))})
+                mtpd.accumulate_moments(m, "fit",
+                                        {"student": fs, "teacher": float32(fpn_features(t, images))})
         for m, a in zip(moments, adapters):
             mtpd.least_squares_adapters(a, m, "student", "teacher")
-    finally:
-        student.train(mode)
 
 
 def train_step(step_module, opt, sched, params, images, targets, precision, clip, scaler=None):
@@ -510,19 +502,14 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
     stage, §3.2). With teachers, each gets a fresh adapter and the feature loss of §3.1 is added, or,
     with `mechanism` in mechanisms.NAMES other than 'l2', that mechanism's loss (fresh modules too, §3.4).
 
-    recipe (train.RECIPE, with a run's own values): lr, weight_decay, warmup, drop_at, drop, clip (the
-    optimiser and schedule, see lr_at); lam (the feature loss's weight), adapter ('auto': identity where
-    the widths match, 'conv': a learned 1x1 conv always, 'lstsq': a 1x1 conv that starts at the least-squares
-    map from the student's levels to the teacher's, fitted on recipe['adapter_images'] training images, as
-    the adaptation cost fits it: not in the paper), published (the mechanisms' published loss
-    weights instead of ours); precision, fused, cache, cache_gib, compile, every, resume (how it runs):
-    - precision: 'bf16', 'fp16' or 'fp32' (choose_precision picks it from the device): student and
-      teachers run under its autocast, in channels_last with bf16/fp16 (memory_format); the feature loss,
-      the anchors, P6/P7 and the boxes stay float32; fp16 adds a GradScaler.
+    recipe: train.RECIPE with a run's own values. lr, weight_decay, warmup, drop_at, drop, clip: the
+    optimiser and schedule (lr_at). lam, adapter, adapter_images, published: the distillation (train.py
+    says what each means). How it runs:
+    - precision: 'bf16', 'fp16' or 'fp32' (choose_precision): student and teachers run under its
+      autocast, in channels_last with bf16/fp16 (memory_format); the feature loss, the anchors, P6/P7
+      and the boxes stay float32; fp16 adds a GradScaler.
     - fused: fused AdamW. cache: with the L2, each teacher's features cached for the whole training set
       (teacher_cache, at most cache_gib GiB per teacher) instead of a forward per step.
-    - compile: torch.compile of the backbones in place (state_dict keys do not change; on 2 CPU cores it
-      took 100 s to compile and stepped slower).
     - every, resume: every `every` iterations the whole training state (weights, adapters, optimiser,
       schedule, iteration, RNG) is written atomically to the file `state`; with resume a state found there
       is continued, and on a CPU the result is identical to an uninterrupted run.
@@ -534,105 +521,144 @@ def train_loop(model, loader, steps, device, seed, recipe, teachers=(), *, desc=
     Returns {train_det_loss: the mean detection loss over the last 20% of steps (§3.5 compares it with
     validation AP), distill_ratio_start / distill_ratio_end: feature loss / detection loss at the first
     logged iteration and over the last 20% (with teachers)}."""
-    precision, lam, every, resume = recipe["precision"], recipe["lam"], recipe["every"], recipe["resume"]
+    resuming = bool(recipe["resume"] and state and os.path.isfile(state))  # weights, adapters, optimiser
+    step_module = prepare(model, loader, device, seed, recipe, teachers, desc, mechanism, inherit_first,
+                          resuming)
+    params = [p for p in step_module.parameters() if p.requires_grad]
+    opt = adamw(params, recipe["lr"], recipe["weight_decay"], fused=recipe["fused"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, recipe))
+    scaler = torch.amp.GradScaler(device.type) if recipe["precision"] == "fp16" else None
+    run = {"step": 0, "tail": [], "ratios": []}  # what a resume state carries besides the weights
+    if resuming:
+        run = resume(state, step_module, opt, sched, scaler)
+        print(f"{desc}: resumed at iteration {run['step']} of {steps} from {state}")
+    loader.batch_sampler.start = run["step"]  # the batches of iterations start, start + 1, ...
+    wrapped = step_module  # under torchrun, gradients of the student and adapters are averaged over ranks
+    if distributed():
+        wrapped = nn.parallel.DistributedDataParallel(step_module,
+                                                      [device] if device.type == "cuda" else None)
+    try:
+        run_steps(wrapped, step_module, opt, sched, scaler, params, loader, steps, device, recipe, run,
+                  desc=desc, log=log, state=state, snapshots=snapshots)
+    finally:
+        step_module.hook.remove()
+    if distributed():  # DDP syncs buffers at the start of a forward, so each rank's last step left its own
+        for b in model.buffers():  # BatchNorm statistics: evaluate what rank 0 saves, on every rank
+            dist.broadcast(b, 0)
+    return summary(step_module, run, steps, desc, log)
+
+
+def prepare(model, loader, device, seed, recipe, teachers, desc, mechanism, inherit_first, resuming):
+    """A stage's setup, in the order that fixes its random numbers: the seed, the models on the device,
+    the first batch (read off for the adapters' shapes), inheriting, fresh adapters (and mechanism
+    modules), their least-squares start, the teachers' feature caches. -> the Distilled module."""
+    precision = recipe["precision"]
     model.__dict__.pop("source", None)  # its weights will differ from the file's: never a cached teacher
     torch.manual_seed(seed + rank())  # augmentation differs per rank; the data order is shared
     loader.batch_sampler.seed, loader.batch_sampler.start = seed, 0
     fmt = memory_format(precision)
     model.to(device, memory_format=fmt).train()
     teachers = [mtpd.freeze(t.to(device, memory_format=fmt)) for t in teachers]
-    if recipe["compile"]:
-        for m in [model] + teachers:
-            m.backbone.compile(dynamic=True)
-    adapters, mechs = [], None
-    resuming = bool(resume and state and os.path.isfile(state))  # weights, adapters, optimiser come from it
+    adapters, mechs, caches = [], None, None
     if teachers:  # fresh for this stage
         first = [im.to(device) for im in next(iter(loader))[0]]
         try:
             if inherit_first and not resuming:
                 copied, of = inherit(model, teachers[0], first)
                 if is_main():
-                    print(f"{desc}: inherited {copied} of the student's {of} neck/head tensors from the first teacher")
-            adapters, mechs = make_adapters(model, teachers, first, mechanism, recipe["published"],
-                                            recipe["adapter"] in ("conv", "lstsq"))
+                    print(f"{desc}: inherited {copied} of the student's {of} neck/head tensors from the "
+                          "first teacher")
+            adapters, mechs = stage_adapters(model, teachers, first, mechanism, recipe["published"],
+                                             recipe["adapter"] in ("conv", "lstsq"))
             if recipe["adapter"] == "lstsq" and not resuming:  # a resumed state holds the trained adapters
-                least_squares_adapters(model, teachers, adapters, loader.dataset, device, recipe["adapter_images"])
+                init_lstsq_adapters(model, teachers, adapters, loader.dataset, device,
+                                    recipe["adapter_images"])
         except ValueError as e:  # no common FPN stride, nothing to inherit
             fail(f"cannot distil {desc}: {e}")
-    caches = None
-    # a mechanism other than the L2 reads the exact map
-    if teachers and recipe["cache"] and mechanism == "l2":
-        caches = [teacher_cache(t, loader.dataset, [int(k) for k in a], device, precision,
-                                loader.batch_sampler.batch, f"{desc} teacher {i + 1} features",
-                                loader.batch_sampler.shard, recipe["cache_gib"])
-                  for i, (t, a) in enumerate(zip(teachers, adapters))]
-    step_module = Distilled(model, teachers, adapters, lam, mechs, precision,
-                            caches).to(device, memory_format=fmt)
-    hook = step_module.hook
-    params = [p for p in step_module.parameters() if p.requires_grad]
-    opt = adamw(params, recipe["lr"], recipe["weight_decay"], fused=recipe["fused"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, recipe))
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    start, tail, ratios = 0, [], []
-    if resuming:
-        ck = read(state)
-        step_module.load_state_dict(ck["weights"])  # the student and its adapters
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["rng"][rank()])
-        start, tail, ratios = ck["step"], ck["tail"], ck.get("ratios", [])
-        print(f"{desc}: resumed at iteration {start} of {steps} from {state}")
-    loader.batch_sampler.start = start  # the batches of iterations start, start + 1, ...
-    if distributed():  # gradients of the student and adapters are averaged over ranks
-        step_module = nn.parallel.DistributedDataParallel(step_module, [device] if device.type == "cuda" else None)
-    core = step_module.module if distributed() else step_module  # the Distilled module, DDP or not
-    bar = tqdm(range(start, steps), desc=desc, leave=False, mininterval=1.0, disable=not is_main(),
-               initial=start, total=steps)
+        if recipe["cache"] and mechanism == "l2":  # a mechanism other than the L2 reads the exact map
+            sampler = loader.batch_sampler
+            caches = [teacher_cache(t, loader.dataset, [int(k) for k in a], device, precision, sampler.batch,
+                                    f"{desc} teacher {i + 1} features", sampler.shard, recipe["cache_gib"])
+                      for i, (t, a) in enumerate(zip(teachers, adapters))]
+    return Distilled(model, teachers, adapters, recipe["lam"], mechs, precision, caches).to(
+        device, memory_format=fmt)
+
+
+def resume(state, step_module, opt, sched, scaler):
+    """Load a resume state written by save_state into the stage's modules and optimiser; -> its run dict."""
+    ck = read(state)
+    step_module.load_state_dict(ck["weights"])  # the student and its adapters
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    if scaler is not None:
+        scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng"][rank()])
+    return {"step": ck["step"], "tail": ck["tail"], "ratios": ck.get("ratios", [])}
+
+
+def run_steps(wrapped, core, opt, sched, scaler, params, loader, steps, device, recipe, run, *, desc, log,
+              state, snapshots):
+    """The loop, from iteration run['step'] to `steps`: a step, every 10 iterations the losses read and
+    logged (log_losses), the snapshots, every recipe['every'] iterations the resume state (save_state).
+    wrapped: the Distilled module `core`, or its DDP wrapper."""
+    bar = tqdm(range(run["step"], steps), desc=desc, leave=False, mininterval=1.0, disable=not is_main(),
+               initial=run["step"], total=steps)
     batches = iter(loader)
-    try:
-        for step in bar:
-            images, targets = next(batches)
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                       for t in targets]
-            losses = train_step(step_module, opt, sched, params, images, targets, precision, recipe["clip"],
-                                scaler)
-            if step % 10 == 0 or step == steps - 1:  # read values (a host sync) only at log intervals
-                vals = {k: v.item() for k, v in losses.items()}
-                if not all(math.isfinite(v) for v in vals.values()):
-                    fail(f"non-finite loss at iteration {step} of {desc}: {vals}; stopped, the last "
-                         f"checkpoint{' ' + state if state else ''} is kept (try a lower --lr)")
-                bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in vals.items()})
-                detect = sum(v for k, v in vals.items() if k != "distill")
-                levels = {str(s): core.lam * float(v) for s, v in core.levels.items()}
-                if log:  # the detection terms and the distillation term per level (stride)
-                    log({"event": "step", "desc": desc, "step": step, **vals, "distill_levels": levels})
-                if "distill" in vals:
-                    ratios.append((step, vals["distill"] / max(detect, 1e-12)))
-                if step >= 0.8 * steps:
-                    tail.append(detect)
-            if snapshots and step + 1 in snapshots:
-                save(snapshots[step + 1], model.state_dict())
-            if state and every and ((step + 1) % every == 0 or step + 1 == steps):
-                if not all(bool(torch.isfinite(p).all()) for p in params):  # never overwrite a good state
-                    fail(f"non-finite weights after iteration {step} of {desc}; stopped, {state} is kept")
-                rng = [None] * dist.get_world_size() if distributed() else None
-                if distributed():
-                    dist.all_gather_object(rng, torch.get_rng_state())
-                save(state, dict(weights=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                 scaler=scaler.state_dict() if scaler is not None else {},
-                                 rng=rng or [torch.get_rng_state()], step=step + 1, tail=tail, ratios=ratios,
-                                 desc=desc))
-    finally:
-        hook.remove()
-    if distributed():  # DDP syncs buffers at the start of a forward, so each rank's last step left its own
-        for b in model.buffers():  # BatchNorm statistics: evaluate what rank 0 saves, on every rank
-            dist.broadcast(b, 0)
-    out = {"train_det_loss": sum(tail) / max(len(tail), 1)}
-    if teachers:  # which teachers were looked up in a cache rather than run
-        out["cached_teachers"] = [c is not None for c in caches or [None] * len(teachers)]
+    for step in bar:
+        images, targets = next(batches)
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]
+        losses = train_step(wrapped, opt, sched, params, images, targets, recipe["precision"], recipe["clip"],
+                            scaler)
+        if step % 10 == 0 or step == steps - 1:  # read values (a host sync) only at log intervals
+            bar.set_postfix(log_losses(losses, core, step, steps, run, desc, log, state))
+        if snapshots and step + 1 in snapshots:
+            save(snapshots[step + 1], core.student.state_dict())
+        every = recipe["every"]
+        if state and every and ((step + 1) % every == 0 or step + 1 == steps):
+            run["step"] = step + 1
+            save_state(state, core, opt, sched, scaler, params, run, desc)
+
+
+def log_losses(losses, core, step, steps, run, desc, log, state):
+    """Read one step's losses: stop on a non-finite one, log the terms and the feature loss per level, keep
+    the feature/detection ratio and the last 20%'s detection loss in `run`. -> the progress bar's text."""
+    vals = {k: v.item() for k, v in losses.items()}
+    if not all(math.isfinite(v) for v in vals.values()):
+        fail(f"non-finite loss at iteration {step} of {desc}: {vals}; stopped, the last "
+             f"checkpoint{' ' + state if state else ''} is kept (try a lower --lr)")
+    detect = sum(v for k, v in vals.items() if k != "distill")
+    levels = {str(s): core.lam * float(v) for s, v in core.levels.items()}
+    if log:  # the detection terms and the distillation term per level (stride)
+        log({"event": "step", "desc": desc, "step": step, **vals, "distill_levels": levels})
+    if "distill" in vals:
+        run["ratios"].append((step, vals["distill"] / max(detect, 1e-12)))
+    if step >= 0.8 * steps:
+        run["tail"].append(detect)
+    return {k[:8]: f"{v:.3f}" for k, v in vals.items()}
+
+
+def save_state(state, core, opt, sched, scaler, params, run, desc):
+    """The whole training state after iteration run['step'], atomically, never over a good one with
+    non-finite weights; every rank's RNG state, so that each resumes its own augmentation."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        fail(f"non-finite weights after iteration {run['step'] - 1} of {desc}; stopped, {state} is kept")
+    rng = [None] * dist.get_world_size() if distributed() else None
+    if distributed():
+        dist.all_gather_object(rng, torch.get_rng_state())
+    save(state, dict(weights=core.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                     scaler=scaler.state_dict() if scaler is not None else {},
+                     rng=rng or [torch.get_rng_state()], step=run["step"], tail=run["tail"],
+                     ratios=run["ratios"], desc=desc))
+
+
+def summary(core, run, steps, desc, log):
+    """What train_loop returns (see there), logged as the 'trained' event."""
+    out = {"train_det_loss": sum(run["tail"]) / max(len(run["tail"]), 1)}
+    if core.teachers:  # which teachers were looked up in a cache rather than run
+        out["cached_teachers"] = [core.caches[id(t)] is not None for t in core.teachers]
+    ratios = run["ratios"]
     if ratios:
         end = [r for s, r in ratios if s >= 0.8 * steps] or [ratios[-1][1]]
         out.update(distill_ratio_start=ratios[0][1], distill_ratio_end=sum(end) / len(end))
@@ -649,8 +675,8 @@ def fit(model, spec, path, loader, val_loader, steps, device, seed, recipe, teac
     state = path[:-3] + ".state.pt"
     out = {"train_det_loss": float("nan")}
     if steps:
-        out = train_loop(model, loader, steps, device, seed, recipe, teachers, desc=desc, log=log, state=state,
-                         snapshots=snapshots, mechanism=mechanism, inherit_first=inherit_first)
+        out = train_loop(model, loader, steps, device, seed, recipe, teachers, desc=desc, log=log,
+                         state=state, snapshots=snapshots, mechanism=mechanism, inherit_first=inherit_first)
     metrics = {**evaluate(model, val_loader, device, recipe["precision"]), **out, **(extra or {})}
     save_ckpt(path, model, spec, metrics)
     discard(state)
@@ -663,19 +689,16 @@ def fit(model, spec, path, loader, val_loader, steps, device, seed, recipe, teac
 # Evaluation: COCOeval on rank 0 over the detections of every rank.
 # ---------------------------------------------------------------------------------------------------------
 def evaluate(model, loader, device, precision="fp32", progress=False):
-    """COCO metrics of `model` on the loader's data, the forward under the precision's autocast (the boxes
-    and scores are float32 all the same: models.py)."""
+    """COCO metrics (data.score) of `model` on the loader's data, the forward under the precision's
+    autocast (the boxes and scores are float32 all the same: models.py). Under torchrun every rank
+    predicts its shard and rank 0 scores them all; every rank gets the metrics."""
     model.to(memory_format=memory_format(precision))
     try:
-        return _evaluate(model, loader, device, progress, precision)
+        part = data.predict(model, loader, loader.dataset.category_ids, device, progress, precision)
     finally:
         model.to(memory_format=torch.contiguous_format)
-
-
-def _evaluate(model, loader, device, progress, precision):
     if not distributed():
-        return data.evaluate(model, loader, device, progress, precision)
-    part = data.predict(model, loader, loader.dataset.category_ids, device, precision=precision)
+        return data.score(loader.dataset.coco, *part)
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, part)
     metrics = None
@@ -710,22 +733,17 @@ def cost_matrix(models, dataset, n_images, device, batch=8):
         fail(f"adaptation costs need at least 2 training images (one to fit, one held out), got {n}")
     r, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
     halves = {"fit": range(n // 2)[r::world], "held": range(n // 2, n)[r::world]}
-    modes = {k: m.training for k, m in models.items()}
     for m in models.values():
-        m.to(device).eval()
+        m.to(device)
     moments = {}
-    try:
-        with torch.no_grad():
-            for split, idx in halves.items():
-                loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch,
-                                                     collate_fn=data.collate)
-                for images, _ in tqdm(loader, desc=f"cost ({split})", leave=False, disable=not is_main()):
-                    images = [im.to(device) for im in images]
-                    feats = {k: float32(fpn_features(m, images)) for k, m in models.items()}
-                    mtpd.accumulate_moments(moments, split, feats)
-    finally:
-        for k, m in models.items():
-            m.train(modes[k])
+    with mtpd.eval_mode(*models.values()), torch.no_grad():
+        for split, idx in halves.items():
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch,
+                                                 collate_fn=data.collate)
+            for images, _ in tqdm(loader, desc=f"cost ({split})", leave=False, disable=not is_main()):
+                images = [im.to(device) for im in images]
+                feats = {k: float32(fpn_features(m, images)) for k, m in models.items()}
+                mtpd.accumulate_moments(moments, split, feats)
     return mtpd.costs_from_moments(reduce_moments(moments))
 
 
@@ -774,7 +792,8 @@ def check_classes(student_spec, specs, root_cats=None):
             fail(f"teacher {spec['label']} was trained on categories {spec['category_ids']}, the student on "
                  f"{want}: train the teachers on the student's data")
     if root_cats is not None and list(root_cats) != want:
-        fail(f"the data has categories {list(root_cats)}, the student was trained on {want}; use the same data")
+        fail(f"the data has categories {list(root_cats)}, the student was trained on {want}; "
+             "use the same data")
 
 
 def check_labels(labels):

@@ -25,6 +25,7 @@ from torchvision.ops import box_iou
 
 import data
 import engine
+import models
 from train import RECIPE
 
 # COCO's common aspect ratios (4:3, 3:4, 3:2) at torchvision's short side of 800 px; scaled down for --tiny
@@ -117,7 +118,7 @@ def box_check(model, images, device, precision, top=50, min_iou=0.9):
         model.to(memory_format=torch.contiguous_format)
         ref = model(images)
         model.to(memory_format=engine.memory_format(precision))
-        with engine.autocast(device, precision):
+        with models.autocast(device, precision):
             low = model(images)
     finally:
         model.score_thresh = thresh
@@ -137,7 +138,7 @@ def box_check(model, images, device, precision, top=50, min_iou=0.9):
         h, w = im.shape[-2:]
         edge = torch.tensor([w, h, w, h], device=qb.device, dtype=qb.dtype)
         inner = (qb > 32) & (qb < edge - 1e-3)  # clipped to the border: on the grid whatever the precision
-        grid.append(on_grid(qb[inner], engine.DTYPES[precision]))
+        grid.append(on_grid(qb[inner], models.DTYPES[precision]))
     grid = torch.cat(grid) if grid else torch.zeros(0, dtype=torch.bool)
     d = torch.tensor(dist or [float("nan")])
     return {"precision": precision, "boxes": total, "matched": matched / max(total, 1), "pairs": matched,

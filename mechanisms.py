@@ -1,7 +1,7 @@
 """Feature-distillation mechanisms that MTPD wraps (Cao et al., ICML 2023, §3.4 and Fig. 4): each stage of
 the progressive schedule can use any of them in place of the plain L2 of §3.1.
 
-    L2    ||F_T - phi(F_S)||^2 / Var(F_T)        one level at a time (mtpd.feature_loss pools levels)
+    L2    ||F_T - phi(F_S)||^2 / Var(F_T)        mtpd.feature_loss itself, not a module here
     CWD   channel-wise distillation              Shu et al., ICCV 2021, arXiv 2011.13256
     FGD   focal and global distillation          Yang et al., CVPR 2022, arXiv 2111.11837
     MGD   masked generative distillation         Yang et al., ECCV 2022, arXiv 2205.01529
@@ -32,21 +32,6 @@ def _pair(fs, ft):
         raise ValueError(f"student level {tuple(fs.shape)} != teacher level {tuple(ft.shape)}: pass the "
                          "student through its mtpd Adapter first")
     return fs.float(), ft.detach().float()
-
-
-class L2(nn.Module):
-    """§3.1's loss for one level: weight * mean((F_S - F_T)^2) / (Var(F_T) + eps), the fraction of the
-    teacher's feature variance the student misses, level by level. mtpd.feature_loss, the default L2,
-    pools the levels by pixels instead (one variance over all levels), so that 1-cell levels weigh little;
-    on a single level the two agree."""
-
-    def __init__(self, channels, weight=1.0, eps=1e-6):
-        super().__init__()
-        self.weight, self.eps = weight, eps
-
-    def forward(self, fs, ft, boxes=None, stride=None):
-        fs, ft = _pair(fs, ft)
-        return self.weight * F.mse_loss(fs, ft) / (ft.var() + self.eps)
 
 
 class CWD(nn.Module):
@@ -234,53 +219,24 @@ class PKD(nn.Module):
         return self.weight * F.mse_loss(_standardise(fs, self.eps), _standardise(ft, self.eps)) / 2
 
 
+# The command line's choices: "l2" is mtpd.feature_loss (no module, so not in MECHANISMS), the others
+# are the modules above.
 NAMES = ("l2", "cwd", "fgd", "mgd", "pkd")
-MECHANISMS = {"l2": L2, "cwd": CWD, "fgd": FGD, "mgd": MGD, "pkd": PKD}
+MECHANISMS = {"cwd": CWD, "fgd": FGD, "mgd": MGD, "pkd": PKD}
 
-# The published RetinaNet settings (the classes' defaults), kept reachable with make(..., published=True).
-PUBLISHED = {
-    "l2": dict(weight=1.0),
-    "cwd": dict(tau=1.0, weight=5.0),
-    "fgd": dict(temp=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lam=5e-6, weight=1.0),
-    "mgd": dict(alpha=2e-5, mask_ratio=0.65, weight=1.0),
-    "pkd": dict(weight=10.0),
-}
-
-# BENCHMARK: the published settings with `weight` retuned for this repository's benchmark (128-channel
-# FPNs, 64-128 px images, from scratch), where the published weights were tuned for mmdet (256 channels,
-# 800 px COCO images, sum reductions). Goal: at the start of a stage each mechanism, summed over the common
-# levels, is ~1: the order of the detection loss (0.3-1) and of mtpd.feature_loss (see the end).
-# Measured (OTS retinanet_r18 at 0.5x = 64 px vs the trained r18@1x teacher at 128 px, runs/default/ckpt,
-# 3 training batches of 8, fresh adapters from mtpd.build_adapters, PUBLISHED settings, summed over the 5
-# common strides 8..128; per-level values P3..P7 of batch 1 in brackets):
-#   the L2 as a mean over levels          6.55   (the fine levels ~1.5 each; the 1-2 cell levels P6, P7
-#                                                  17-22 and 8-11: their teacher variance is tiny)
-#   l2    weight 1                        32.8   [1.6 1.4 1.6 22.3 10.9]
-#   cwd   weight 5                        45.0   [18.4 12.5 9.0 4.3 0.0]   (P7 is 1x1: softmax of 1 cell)
-#   fgd   weight 1                        169    [12.2 4.8 5.0 57.7 73.8]  (~90% the fg term alpha*fg)
-#   mgd   weight 1                         7.5   [4.4 1.0 0.3 0.2 1.1]     (~ alpha*sum F_T^2/N at init)
-#   pkd   weight 10                       50.3   [10.1 10.1 10.0 10.0 10.1] (r ~ 0: the two networks'
-#                                                  channels are unrelated until distillation aligns them)
-# Other start-of-stage pairs (same batches; l2 mean, then cwd / fgd / mgd / pkd sums): OTS -> mrcnn_r18@1x
-# 8.8, 36 / 87 / 7.7 / 40; OTS -> r18@0.75x 16.0, 40 / 751 / 3.4 / 49; mtpd_stage2 -> r18@1x 1.29,
-# 39 / 151 / 7.5 / 50. So L2 is ~1-1.5 once the coarse levels' scale is matched (stage 3 starts at 1.29),
-# of the order of the detection loss (0.3-1): the weights below bring every summed loss to ~1 on the
-# first pair, and l2's 1/5 makes its sum over RetinaNet's 5 levels the per-level mean.
-#   l2 1 -> 0.2 (x 1/5)   cwd 5 -> 0.1 (x 1/50)   fgd 1 -> 0.005 (x 1/200, all four terms alike)
-#   mgd 1 -> 0.1 (x 1/10) pkd 10 -> 0.2 (x 1/50)
-# which give, on the first pair: l2 6.55 (the old per-level mean), cwd 0.90, fgd 0.84, mgd 0.75, pkd 1.01.
-# mtpd.feature_loss now pools the levels by pixels. Measured on a like pair (seed-0 OTS student -> r18@1x,
-# first iteration of `study.sh`'s direct_no_inherit cell): 3.65 in all, P3..P7 [1.05 0.22 0.06 0.64 1.69]:
-# the student's 1-2 cell levels are still far from the teacher's in magnitude, but no longer 88% of it.
-BENCHMARK = {name: dict(PUBLISHED[name], weight=w)
-             for name, w in dict(l2=0.2, cwd=0.1, fgd=0.005, mgd=0.1, pkd=0.2).items()}
+# Our `weight` on top of each class's (published, RetinaNet) defaults. The published weights were tuned for
+# mmdet's 256-channel FPNs, 800-px images and sum reductions; these bring each loss, summed over the levels,
+# to ~1 at the start of a stage, the order of the detection loss (see RESULTS.md, "Mechanism loss weights").
+BENCHMARK = dict(cwd=0.1, fgd=0.005, mgd=0.1, pkd=0.2)
 
 
 def make(name, channels, published=False, **overrides):
-    """The mechanism `name` (one of NAMES) for one level of `channels` channels, with the BENCHMARK
-    settings (or PUBLISHED ones), then `overrides` on top."""
+    """The mechanism `name` (one of MECHANISMS) for one level of `channels` channels: the class's defaults
+    (the published settings) with BENCHMARK's weight, or without it when `published`; `overrides` on top."""
+    if name == "l2":
+        raise ValueError("the L2 is mtpd.feature_loss, not a mechanism module: pass mechanisms=None to it")
     if name not in MECHANISMS:
-        raise ValueError(f"unknown mechanism '{name}'; known: {', '.join(NAMES)}")
-    kw = dict(PUBLISHED[name] if published else BENCHMARK[name])
+        raise ValueError(f"unknown mechanism '{name}'; known: {', '.join(MECHANISMS)}")
+    kw = {} if published else {"weight": BENCHMARK[name]}
     kw.update(overrides)
     return MECHANISMS[name](channels, **kw)

@@ -1,4 +1,4 @@
-"""Detector zoo for mtpd: torchvision RetinaNet / FCOS / Faster R-CNN / Mask R-CNN on ResNet, ResNeXt and Swin.
+"""Detector zoo for mtpd: torchvision RetinaNet / FCOS / Faster R-CNN / Mask R-CNN on ResNet, ResNeXt, Swin.
 
 `build_detector(name, num_classes, scale)` returns a plain torchvision detector (the training contract is
 torchvision's: a list of [3, H, W] images in 0-1 and targets in, a loss dict out; detections in eval).
@@ -32,7 +32,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-from mtpd import stride_keyed
+from mtpd import eval_mode, stride_keyed
 
 # Backbone body builders: name -> (constructor, channel widths of stages 1..4).
 BODIES = {
@@ -96,6 +96,17 @@ class Float32Anchors(AnchorGenerator):
     def forward(self, image_list, feature_maps):
         return super().forward(image_list, [f.new_empty((1, 1, *f.shape[-2:]), dtype=torch.float32)
                                             for f in feature_maps])
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision -> dtype
+
+
+def autocast(device, precision):
+    """The autocast context of a precision (disabled for fp32): training, evaluation and the cache run the
+    models under it. The feature loss, the anchors, P6/P7 and the boxes stay float32 under it
+    (mtpd.feature_loss, float32_outputs)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, DTYPES[precision], enabled=precision != "fp32")
 
 
 def _float32(x):
@@ -162,7 +173,8 @@ def _backbone(body, fpn_channels, stages, extra, zero_init_residual, frozen_bn, 
         for n, p in net.named_parameters():
             p.requires_grad_(n.startswith(("layer2", "layer3", "layer4")))
     return BackboneWithFPN(net, {f"layer{s}": str(i) for i, s in enumerate(stages)},
-                           [channels[s - 1] for s in stages], fpn_channels, extra_blocks=extra, norm_layer=fpn_norm)
+                           [channels[s - 1] for s in stages], fpn_channels, extra_blocks=extra,
+                           norm_layer=fpn_norm)
 
 
 def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fpn_channels=256,
@@ -192,45 +204,17 @@ def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fp
         stages, extra = [1, 2, 3, 4], LastLevelMaxPool()
     else:  # C3-C5 -> P3-P7; P6 from P5 (v1, FCOS) or from C5 (RetinaNet v2)
         stages, extra = [2, 3, 4], Float32P6P7(c5 if v2 else fpn_channels, fpn_channels)
-    backbone = _backbone(body, fpn_channels, stages, extra, zero_init_residual, frozen_bn=pretrained and not v2,
-                         frozen_stem=pretrained, fpn_norm=nn.BatchNorm2d if v2 and two_stage else None)
+    backbone = _backbone(body, fpn_channels, stages, extra, zero_init_residual,
+                         frozen_bn=pretrained and not v2, frozen_stem=pretrained,
+                         fpn_norm=nn.BatchNorm2d if v2 and two_stage else None)
     sizes = [int(anchor_base * scale * 2 ** i) for i in range(5)]  # one base size per level
     lo, hi = round(min_size * scale), round(max_size * scale)
-    gn = partial(nn.GroupNorm, math.gcd(32, fpn_channels))  # torchvision's 32 groups; fewer if narrower
-    if kind == "retinanet":  # 3 scales x 3 aspect ratios per level
-        anchors = Float32Anchors(tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes),
-                                 ((0.5, 1.0, 2.0),) * 5)
-        head = RetinaNetHead(fpn_channels, 9, num_classes, norm_layer=gn if v2 else None)
-        for sub in (head.classification_head, head.regression_head):
-            sub.conv = sub.conv[:head_convs]  # a lighter head: it dominates the step at small image sizes
-        if v2:
-            head.regression_head._loss_type = "giou"  # as torchvision's v2 builder
-        model = RetinaNet(backbone, num_classes, min_size=lo, max_size=hi, anchor_generator=anchors, head=head)
+    if kind == "retinanet":
+        model = _retinanet(backbone, num_classes, fpn_channels, head_convs, sizes, lo, hi, v2)
     elif kind == "fcos":
-        # One anchor per location: its centre is the point, its size both normalises the regression
-        # targets and sets each level's range of object sizes (4-8x the size). The centre-sampling radius
-        # is in anchor sizes: rescaled so it stays 1.5 strides whatever the anchors.
-        r = anchor_base * scale / 32  # 1 with torchvision's defaults: anchors 8..128 = the strides
-        anchors = Float32Anchors(tuple((8 * r * 2 ** i,) for i in range(5)), ((1.0,),) * 5)
-        head = FCOSHead(fpn_channels, 1, num_classes, num_convs=0)  # its subnets hard-code GroupNorm(32, C)
-        head.classification_head = FCOSClassificationHead(fpn_channels, 1, num_classes, head_convs, norm_layer=gn)
-        head.regression_head = FCOSRegressionHead(fpn_channels, 1, head_convs, norm_layer=gn)
-        model = FCOS(backbone, num_classes, min_size=lo, max_size=hi, anchor_generator=anchors, head=head,
-                     center_sampling_radius=1.5 / r)
+        model = _fcos(backbone, num_classes, fpn_channels, head_convs, anchor_base * scale, lo, hi)
     else:
-        anchors = Float32Anchors(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
-        # proposal counts and RoI batches that train on a CPU at small sizes (the defaults: ~15x a RetinaNet step)
-        kw = {} if min_size >= 800 else dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
-                                             rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-                                             box_batch_size_per_image=64)
-        if v2:  # torchvision's v2: 2-conv RPN, 4-conv box head and mask head with BatchNorm
-            bn = nn.BatchNorm2d
-            kw.update(rpn_head=RPNHead(fpn_channels, 3, conv_depth=2),
-                      box_head=FastRCNNConvFCHead((fpn_channels, 7, 7), [256] * 4, [1024], bn))
-            if kind == "maskrcnn":
-                kw["mask_head"] = MaskRCNNHeads(fpn_channels, [256] * 4, 1, bn)
-        make = MaskRCNN if kind == "maskrcnn" else FasterRCNN
-        model = make(backbone, num_classes, min_size=lo, max_size=hi, rpn_anchor_generator=anchors, **kw)
+        model = _rcnn(kind, backbone, num_classes, fpn_channels, sizes, lo, hi, v2, min_size)
     # Under autocast, the outputs decoded into boxes, scores and masks become float32 (float32_outputs).
     if two_stage:
         decoded = [model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor]
@@ -241,6 +225,53 @@ def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fp
             m.register_forward_hook(float32_outputs)
     model.spec_name = name
     return model
+
+
+def _group_norm(channels):
+    return partial(nn.GroupNorm, math.gcd(32, channels))  # torchvision's 32 groups; fewer if narrower
+
+
+def _retinanet(backbone, num_classes, fpn_channels, head_convs, sizes, lo, hi, v2):
+    """RetinaNet: 3 scales x 3 aspect ratios per level, `head_convs` convs per head subnet."""
+    anchors = Float32Anchors(tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes),
+                             ((0.5, 1.0, 2.0),) * 5)
+    head = RetinaNetHead(fpn_channels, 9, num_classes, norm_layer=_group_norm(fpn_channels) if v2 else None)
+    for sub in (head.classification_head, head.regression_head):
+        sub.conv = sub.conv[:head_convs]  # a lighter head: it dominates the step at small image sizes
+    if v2:
+        head.regression_head._loss_type = "giou"  # as torchvision's v2 builder
+    return RetinaNet(backbone, num_classes, min_size=lo, max_size=hi, anchor_generator=anchors, head=head)
+
+
+def _fcos(backbone, num_classes, fpn_channels, head_convs, base, lo, hi):
+    """FCOS. One anchor per location: its centre is the point, its size both normalises the regression
+    targets and sets each level's range of object sizes (4-8x the size). The centre-sampling radius is
+    in anchor sizes: rescaled so it stays 1.5 strides whatever the anchors. base: anchor_base * scale."""
+    r = base / 32  # 1 with torchvision's defaults: anchors 8..128 = the strides
+    anchors = Float32Anchors(tuple((8 * r * 2 ** i,) for i in range(5)), ((1.0,),) * 5)
+    gn = _group_norm(fpn_channels)
+    head = FCOSHead(fpn_channels, 1, num_classes, num_convs=0)  # its subnets hard-code GroupNorm(32, C)
+    head.classification_head = FCOSClassificationHead(fpn_channels, 1, num_classes, head_convs, norm_layer=gn)
+    head.regression_head = FCOSRegressionHead(fpn_channels, 1, head_convs, norm_layer=gn)
+    return FCOS(backbone, num_classes, min_size=lo, max_size=hi, anchor_generator=anchors, head=head,
+                center_sampling_radius=1.5 / r)
+
+
+def _rcnn(kind, backbone, num_classes, fpn_channels, sizes, lo, hi, v2, min_size):
+    """Faster or Mask R-CNN, with proposal counts and RoI batches that train on a CPU at small sizes (the
+    defaults: ~15x a RetinaNet step)."""
+    anchors = Float32Anchors(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
+    kw = {} if min_size >= 800 else dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
+                                         rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
+                                         box_batch_size_per_image=64)
+    if v2:  # torchvision's v2: 2-conv RPN, 4-conv box head and mask head with BatchNorm
+        bn = nn.BatchNorm2d
+        kw.update(rpn_head=RPNHead(fpn_channels, 3, conv_depth=2),
+                  box_head=FastRCNNConvFCHead((fpn_channels, 7, 7), [256] * 4, [1024], bn))
+        if kind == "maskrcnn":
+            kw["mask_head"] = MaskRCNNHeads(fpn_channels, [256] * 4, 1, bn)
+    make = MaskRCNN if kind == "maskrcnn" else FasterRCNN
+    return make(backbone, num_classes, min_size=lo, max_size=hi, rpn_anchor_generator=anchors, **kw)
 
 
 def fpn_features(model, images):
@@ -282,10 +313,8 @@ def inherit(student, teacher, images):
     between detectors of one type (RetinaNet <- RetinaNet). Returns (copied, candidates): how many of the
     student's neck/head tensors were copied. Raises ValueError when nothing could be.
     """
-    was = student.training, teacher.training
-    student.eval(), teacher.eval()
-    s_strides, t_strides = (sorted(fpn_features(m, images[:1])) for m in (student, teacher))
-    student.train(was[0]), teacher.train(was[1])
+    with eval_mode(student, teacher):  # this forward leaves the BatchNorm statistics alone
+        s_strides, t_strides = (sorted(fpn_features(m, images[:1])) for m in (student, teacher))
     s_roles, t_roles = _roles(student, s_strides), _roles(teacher, t_strides)
     by_role = {role: key for key, role in t_roles.items()}
     own, theirs = student.state_dict(), teacher.state_dict()
@@ -296,8 +325,8 @@ def inherit(student, teacher, images):
             own[key].copy_(theirs[src])  # state_dict tensors share storage with the parameters
             copied += 1
     if not copied:
-        raise ValueError(f"nothing to inherit: no neck or head tensor of the {type(teacher).__name__} teacher "
-                         f"has the role and shape of one of the {type(student).__name__} student's")
+        raise ValueError(f"nothing to inherit: no neck or head tensor of the {type(teacher).__name__} "
+                         f"teacher has the role and shape of one of the {type(student).__name__} student's")
     return copied, len(s_roles)
 
 
@@ -334,7 +363,8 @@ def read_weights(source):
     if os.path.isfile(path):
         return _read(path), path
     try:  # torchvision's download into that cache, with its hash check
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True, map_location="cpu"), path
+        sd = weights.get_state_dict(progress=True, check_hash=True, weights_only=True, map_location="cpu")
+        return sd, path
     except Exception as e:
         raise ValueError(f"cannot download {source} ({type(e).__name__}: {str(e).splitlines()[0][:80]}): "
                          f"put {weights.url} at {path}") from None
@@ -368,7 +398,8 @@ def _select_classes(sd, own, category_ids):
             n = v.shape[0] // m  # classes in the weights
             if v.shape[0] % m or n <= idx.max():
                 raise ValueError(f"{k} {list(v.shape)}: not indexed by category ids up to {idx.max().item()}")
-            v = v.reshape(n, m, *v.shape[1:])[idx] if "bbox_pred" in k else v.reshape(m, n, *v.shape[1:])[:, idx]
+            v = (v.reshape(n, m, *v.shape[1:])[idx] if "bbox_pred" in k
+                 else v.reshape(m, n, *v.shape[1:])[:, idx])
             sd[k] = v.reshape(own[k].shape)
             cut.append(k)
     return cut
@@ -385,7 +416,8 @@ def load_weights(model, source, num_classes, category_ids=None):
     one-line ValueError otherwise.
     """
     if category_ids is not None and len(category_ids) + 1 != num_classes:
-        raise ValueError(f"{len(category_ids)} category ids make {len(category_ids) + 1} classes, not {num_classes}")
+        raise ValueError(f"{len(category_ids)} category ids make {len(category_ids) + 1} classes, "
+                         f"not {num_classes}")
     sd, where = read_weights(source)
     own = model.state_dict()
     sd = dict(sd)
@@ -417,8 +449,8 @@ def load_backbone_weights(model, source):
     else:
         body = model.backbone.body
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    sd, _ = _check(f"backbone weights {where} do not fit the body of {getattr(model, 'spec_name', 'the model')}",
-                   body.state_dict(), sd)
+    name = getattr(model, "spec_name", "the model")
+    sd, _ = _check(f"backbone weights {where} do not fit the body of {name}", body.state_dict(), sd)
     body.load_state_dict(sd)
     return f"loaded {len(sd)} backbone tensors from {where}"
 

@@ -3,6 +3,7 @@
     1. feature capture   the neck (FPN) outputs of a detector, keyed by stride            (§3.1)
     2. adapter phi       identity / 1x1 conv / upsample / both, chosen from the shapes    (§3.1)
     3. feature loss      L = L_detect + lambda * || F_T - phi(F_S) ||^2                  (§3.1)
+                         (divided by the teacher's feature variance in the batch: ours)
                          or CWD / FGD / MGD / PKD per level (mechanisms.py)               (§3.4)
     4. adaptation cost   d(A -> B): held-out error of the best linear 1x1 map A -> B      (§3.2)
                          (that map can also start a stage's adapter: ours, not the paper's)
@@ -45,6 +46,7 @@ torchvision detector (test_mtpd.py runs this example, so it stays true):
             opt.step()
     hook.remove()  # the student is a plain detector again; the adapters are dropped
 """
+import contextlib
 import math
 import warnings
 
@@ -124,17 +126,23 @@ class _Handles:
             h.remove()
 
 
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Run the block with `models` in eval mode, then give every submodule back the mode it had (also
+    when the block raises): e.g. a forward that must not update a training student's BatchNorm."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. Adapter phi (§3.1): maps a student level to its teacher level. Training only, dropped at export.
 # ---------------------------------------------------------------------------------------------------------
-def adapter_kind(student_shape, teacher_shape):
-    """The paper's four cases from the shapes [C, H, W] (batch dim optional) of one level pair."""
-    (cs, hs, ws), (ct, ht, wt) = student_shape[-3:], teacher_shape[-3:]
-    conv, resize = cs != ct, (hs, ws) != (ht, wt)
-    return {(False, False): "identity", (True, False): "conv", (False, True): "upsample",
-            (True, True): "conv+upsample"}[(conv, resize)]
-
-
 def content_cells(sizes, stride, hw):
     """Per image, the (rows, cols) of a level of stride `stride` and map size hw that cover its content:
     ceil(h / stride), ceil(w / stride), at most the map's. sizes: [(h, w)] before padding."""
@@ -233,15 +241,11 @@ def build_adapters(student_feats, teacher_feats, *, conv=False):
 @torch.no_grad()
 def make_adapters(student, teacher, images, features, *, conv=False):
     """The adapters of one stage: build_adapters from one batch through both models. features(model,
-    images) -> {stride: [N, C, h, w]} runs a model's backbone and neck. The student runs in eval mode here,
-    so that this forward leaves its BatchNorm statistics alone, and returns to the mode it was in. The
-    adapters are trained with the student: put their parameters into the stage's optimiser."""
-    mode = student.training
-    student.eval()
-    try:
+    images) -> {stride: [N, C, h, w]} runs a model's backbone and neck. The student runs in eval mode here
+    (eval_mode), so that this forward leaves its BatchNorm statistics alone. The adapters are trained with
+    the student: put their parameters into the stage's optimiser."""
+    with eval_mode(student):
         return build_adapters(features(student, images), features(teacher, images), conv=conv)
-    finally:
-        student.train(mode)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,11 +258,14 @@ def feature_loss(student_feats, teacher_feats, adapters, *, mechanisms=None, box
 
     Pooling over levels weights each level by its pixels, as the paper's plain L2 (a sum over pixels) and
     the adaptation cost do: P3 (most pixels) dominates, and a 1-cell P7 counts for 1/341 of a 5-level
-    RetinaNet pyramid, not 1/5. Dividing by the teacher's variance (a constant) only scales the loss, so
-    that lambda ~ 1 means the same across detectors: raw FPN MSEs are often hundreds of times the
-    detection loss. When both feature dicts carry the images' sizes (Levels.sizes), each image is aligned
-    by its real extent and the teacher's padding is left out of the error and of the variance (align);
-    sizes on one side only are a ValueError, none on either side resize the padded maps (warned once).
+    RetinaNet pyramid, not 1/5. The divisor is recomputed on every batch from F_T (detached: no gradient
+    flows through it), so lambda / (sum_levels numel * Var(F_T)) acts as the paper's lambda (§3.1:
+    L = L_detect + lambda * sum_levels ||F_T - phi(F_S)||^2): lambda = 1 makes the term the fraction of the
+    teacher's variance the student misses (~1 for a student that outputs each level's mean of F_T, 0 when
+    it matches), whatever the detector's raw feature scale. When both feature dicts carry the images' sizes
+    (Levels.sizes), each image is aligned by its real extent and the teacher's padding is left out of the
+    error and of the variance (align); sizes on one side only are a ValueError, none on either side resize
+    the padded maps (warned once).
     A mechanism receives both maps with F_T's values on the teacher's padding (not masked: its loss may
     still see those cells, e.g. MGD's 3x3 generator or CWD's softmax over positions).
 
@@ -506,9 +513,13 @@ def backward_greedy_selection(cost, student, teacher_ap, k):
 # 6. Progressive distillation (§3.2): one stage per teacher, in the BGS order.
 # ---------------------------------------------------------------------------------------------------------
 def progressive_distillation(student, teachers, run_stage):
-    """Distil `student` from each teacher in turn. run_stage(student, [teacher], stage_index) trains one
-    stage (a "1x" schedule in the paper) with a fresh adapter and a fresh optimiser/LR schedule, starting
-    from the weights the previous stage left; it returns whatever it measured (e.g. validation AP).
-    Returns the list of those per-stage results.
-    """
-    return [run_stage(student, [teacher], i) for i, teacher in enumerate(teachers)]
+    """Distil `student` from each teacher in turn (§3.2). run_stage(student, teacher, i) trains stage i
+    (a "1x" schedule in the paper) from the student the previous stage left, with a fresh adapter and a
+    fresh optimiser and LR schedule, and returns (the student it leaves, what it measured). The student
+    can be a module trained in place or anything that names one (e.g. a checkpoint path).
+    Returns (the last student, [what each stage measured])."""
+    results = []
+    for i, teacher in enumerate(teachers):
+        student, result = run_stage(student, teacher, i)
+        results.append(result)
+    return student, results

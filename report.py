@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from data import atomic_write
+
 COLS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
@@ -104,7 +106,8 @@ def fig_generalization(plt, path, gen):
     for name, pts in gen.items():
         a1.plot([p["step"] for p in pts], [p["det_loss"] for p in pts], "o-", label=name)
         a2.plot([p["step"] for p in pts], [100 * p["AP"] for p in pts], "o-", label=name)
-    a1.set(xlabel="iterations after OTS", ylabel="detection loss (fixed train batches)", title="training loss")
+    a1.set(xlabel="iterations after OTS", ylabel="detection loss (fixed train batches)",
+           title="training loss")
     a2.set(xlabel="iterations after OTS", ylabel="box AP", title="validation AP")
     a1.legend()
     a2.legend()
@@ -115,7 +118,8 @@ def fig_landscape(plt, path, lands):
     if plt is None:
         rows = []
         for name, land in lands.items():
-            mean = [sum(c[i] for c in land["curves"]) / len(land["curves"]) for i in range(len(land["alphas"]))]
+            mean = [sum(c[i] for c in land["curves"]) / len(land["curves"])
+                    for i in range(len(land["alphas"]))]
             rows += [[name, f"{a:+.2f}", f"{v:.3f}"] for a, v in zip(land["alphas"], mean)]
         return md_table(["student", "step along direction", "mean loss (1-D)"], rows)
     fig, axes = plt.subplots(1, 1 + len(lands), figsize=(5 * (1 + len(lands)), 4))
@@ -140,9 +144,7 @@ def ratio_rows(results):
 
 def save(plt, fig, path):
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)
     return f"![{os.path.basename(path)}](figures/{os.path.basename(path)})"
 
@@ -173,7 +175,8 @@ def summary(results):
 # ---------------------------------------------------------------------------------------------------------
 # Several seeds: per-seed rows, mean and spread, and the gaps that Table 3 is about.
 # ---------------------------------------------------------------------------------------------------------
-GAPS = [("direct", "long"), ("mtpd", "direct"), ("mtpd", "long"), ("mtpd", "long_restart"), ("mtpd", "ensemble")]
+GAPS = [("direct", "long"), ("mtpd", "direct"), ("mtpd", "long"), ("mtpd", "long_restart"),
+        ("mtpd", "ensemble")]
 
 
 def mean_std(xs):
@@ -192,15 +195,15 @@ def aggregate(preset, per):
         return xs if min(xs) >= 0 else None
 
     stat = {r: {c: mean_std(col(r, c)) if col(r, c) else (-1.0, 0.0) for c in COLS} for r in rows}
-    gaps = {f"{a} - {b}": {c: mean_std([x - y for x, y in zip(col(a, c), col(b, c))]) if col(a, c) and col(b, c)
-                           else (None, None) for c in COLS}
+    gaps = {f"{a} - {b}": {c: mean_std([x - y for x, y in zip(col(a, c), col(b, c))])
+                           if col(a, c) and col(b, c) else (None, None) for c in COLS}
             for a, b in GAPS if a in stat and b in stat}
     budgets = {str(s): per[s]["budget_steps"] for s in seeds}
     note = ("" if len(set(budgets.values())) == 1 else "BGS chose orders of different lengths, so the seeds' "
             f"rows trained for different budgets ({budgets}): their mean mixes budgets")
-    return {"preset": preset, "seeds": seeds, "note": note, "per_seed": {str(s): {"order": per[s]["order"], "runs": per[s]["runs"],
-                                                                     "dropped": per[s].get("dropped", {})}
-                                                           for s in seeds},
+    per_seed = {str(s): {"order": per[s]["order"], "runs": per[s]["runs"],
+                         "dropped": per[s].get("dropped", {})} for s in seeds}
+    return {"preset": preset, "seeds": seeds, "note": note, "per_seed": per_seed,
             "teachers": per[seeds[0]]["teachers"], "recipe": per[seeds[0]].get("recipe", {}),
             "budget_steps": budgets,
             "mean": {r: {c: v[0] for c, v in cs.items()} for r, cs in stat.items()},
@@ -215,13 +218,15 @@ def pm(mean, std, sign=""):
 def seeds_summary(results):
     """The console summary of a multi-seed run: mean ± std of every row and of the gaps."""
     w = 16
-    lines = ["", f"mean ± std over seeds {results['seeds']}:", f"{'run':{w}s}" + "".join(f"{c:>14s}" for c in COLS)]
+    lines = ["", f"mean ± std over seeds {results['seeds']}:",
+             f"{'run':{w}s}" + "".join(f"{c:>14s}" for c in COLS)]
     lines += [f"{r:{w}s}" + "".join(f"{pm(results['mean'][r][c], results['std'][r][c]):>14s}" for c in COLS)
               for r in results["mean"]]
     lines += ["", "gaps, AP points:"] + [
         f"{g:{w + 6}s}" + "".join(f"{pm(v[c]['mean'], v[c]['std'], '+'):>14s}" for c in COLS)
         for g, v in results["gaps"].items()]
-    lines += ["", "orders: " + "; ".join(f"seed {s}: {' -> '.join(r['order'])}" for s, r in results["per_seed"].items())]
+    lines += ["", "orders: " + "; ".join(f"seed {s}: {' -> '.join(r['order'])}"
+                                         for s, r in results["per_seed"].items())]
     lines += [f"note: {results['note']}"] if results.get("note") else []
     return "\n".join(lines)
 
@@ -231,8 +236,9 @@ def write_seeds_report(out, results):
     out/seed<s>/report.md. Returns the report's path."""
     seeds = results["seeds"]
     parts = [f"# mtpd report: preset `{results['preset']}`, seeds {', '.join(map(str, seeds))}",
-             f"This invocation took {results.get('wall_minutes', 0):.1f} min. Each seed's own report, with its "
-             "cost matrix, stages and analyses, is in `seed<s>/report.md`. The teacher pool is shared.",
+             f"This invocation took {results.get('wall_minutes', 0):.1f} min. Each seed's own report, "
+             "with its cost matrix, stages and analyses, is in `seed<s>/report.md`. The teacher pool is "
+             "shared.",
              "## Mean ± std over seeds",
              md_table(["run"] + COLS, [[r] + [pm(results["mean"][r][c], results["std"][r][c]) for c in COLS]
                                        for r in results["mean"]]),
@@ -241,13 +247,13 @@ def write_seeds_report(out, results):
                                        for g, v in results["gaps"].items()]),
              "## Per seed (AP)",
              md_table(["run"] + [f"seed {s}" for s in seeds],
-                      [[r] + [pct(results["per_seed"][str(s)]["runs"][r]["AP"]) for s in seeds] for r in results["mean"]]),
-             "Orders: " + "; ".join(f"seed {s}: {' → '.join(r['order'])}" for s, r in results["per_seed"].items()) + "."]
+                      [[r] + [pct(results["per_seed"][str(s)]["runs"][r]["AP"]) for s in seeds]
+                       for r in results["mean"]]),
+             "Orders: " + "; ".join(f"seed {s}: {' → '.join(r['order'])}"
+                                    for s, r in results["per_seed"].items()) + "."]
     parts += [f"**Note:** {results['note']}."] if results.get("note") else []
     path = os.path.join(out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n\n".join(parts) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write("\n\n".join(parts) + "\n"))
     return path
 
 
@@ -267,11 +273,13 @@ def write_report(out, results, plt="auto"):
     if plt is None:
         parts.append("*matplotlib is not installed: every figure is given as its numbers in a table "
                      "(`pip install matplotlib`, then `python report.py " + out + "` draws them).*")
-    parts += ["## Results", md_table(["run"] + COLS, [[k] + [pct(v.get(c)) for c in COLS] for k, v in runs.items()]),
-              "Teachers: " + ", ".join(f"{k} AP {pct(v['AP'])}" for k, v in results["teachers"].items()) + ".",
+    parts += ["## Results",
+              md_table(["run"] + COLS, [[k] + [pct(v.get(c)) for c in COLS] for k, v in runs.items()]),
+              "Teachers: " + ", ".join(f"{k} AP {pct(v['AP'])}" for k, v in results["teachers"].items())
+              + ".",
               "## Adaptation cost and the BGS order (Fig. 3)",
-              f"BGS order: **{' → '.join(order)}**. d(A → B) is the fraction of B's held-out feature variance "
-              "that no linear 1×1 map of A explains.",
+              f"BGS order: **{' → '.join(order)}**. d(A → B) is the fraction of B's held-out feature "
+              "variance that no linear 1×1 map of A explains.",
               fig_cost(plt, os.path.join(figs, "cost.png"), results["cost"], order, "ots"),
               "## AP after each stage", fig_stages(plt, os.path.join(figs, "stages.png"), results),
               "## Distillation vs detection loss",
@@ -292,7 +300,8 @@ def write_report(out, results, plt="auto"):
         parts += ["## Loss landscape (§3.5, Fig. 5c/d)",
                   "Detection loss along filter-normalised random directions (Li et al. 2018) around each "
                   "student's weights, on the same fixed batches; the same random draws for both students.",
-                  md_table(["student", "loss at weights"] + [f"mean rise at r={r}" for r in next(iter(fl.values()))],
+                  md_table(["student", "loss at weights"]
+                           + [f"mean rise at r={r}" for r in next(iter(fl.values()))],
                            [[k, f"{an['landscape'][k]['loss0']:.3f}"] + [f"{v:.3f}" for v in fl[k].values()]
                             for k in fl]),
                   fig_landscape(plt, os.path.join(figs, "landscape.png"), an["landscape"])]
@@ -308,15 +317,14 @@ def write_report(out, results, plt="auto"):
     if "mechanisms" in results:
         mech = results["mechanisms"]
         parts += ["## Mechanisms: direct vs MTPD (Fig. 4)",
-                  "Each mechanism replaces the L2 feature loss in every stage; direct = the last teacher only, "
-                  "same budget.",
+                  "Each mechanism replaces the L2 feature loss in every stage; direct = the last teacher "
+                  "only, same budget.",
                   md_table(["mechanism", "direct AP", "MTPD AP", "MTPD − direct"],
                            [[k, pct(v["direct"]["AP"]), pct(v["mtpd"]["AP"]),
-                             f"{100 * (v['mtpd']['AP'] - v['direct']['AP']):+.1f}"] for k, v in mech.items()])]
+                             f"{100 * (v['mtpd']['AP'] - v['direct']['AP']):+.1f}"]
+                            for k, v in mech.items()])]
     path = os.path.join(out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n\n".join(parts) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write("\n\n".join(parts) + "\n"))
     return path
 
 

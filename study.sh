@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The study behind the default preset (RESULTS.md): each cell distils the seed-0 off-the-shelf student
 # directly from the best teacher, at the same budget and with the same batches as the `direct` and `long`
-# rows of `python train.py --seeds 0 1 2 --fp32 --out runs/seeds` (seed 635 = the seed those rows train with).
+# rows of `python train.py --seeds 0 1 2 --precision fp32 --out runs/seeds` (seed 635 = the seed those rows train with).
 # The cell `--lam 1 --inherit` at the row's budget is the `direct` row itself. --lam 0 trains without the
 # teacher's signal: like `long` (the same batches; the flips differ, since the adapters' first batch draws
 # from the RNG), and with --inherit it is `long` from the inherited neck and head.
-# Those rows, and so the cells, ran on the plain path (--fp32), before the fast path existed.
-# Part 1: run that reproduction first (with --fp32); then `bash study.sh` (about 5 minutes a cell of B iterations on 2 CPU cores,
+# Those rows, and so the cells, ran on the plain path (--precision fp32), before the fast path existed.
+# Part 1: run that reproduction first (with --precision fp32); then `bash study.sh` (about 5 minutes a cell of B iterations on 2 CPU cores,
 # one run at a time; a finished cell is reused). Prints one line per cell.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,7 +18,7 @@ S=$(python -c "import json; print(json.load(open('$RUN/results.json'))['recipe']
 ORDER=$(python -c "import json; print(' '.join('$POOL/' + t + '.pt' for t in json.load(open('$RUN/order.json'))['order']))")
 cell() {  # name, iterations per stage, then distill's flags (a later --teachers replaces the final teacher)
   local name=$1 steps=$2; shift 2
-  python train.py distill --student "$RUN/ckpt/ots.pt" --teachers "$TEACHER" --keep-order --seed 635 --fp32 \
+  python train.py distill --student "$RUN/ckpt/ots.pt" --teachers "$TEACHER" --keep-order --seed 635 --precision fp32 \
     --steps "$steps" --resume --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
   python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
 m = torch.load(f, weights_only=True)['metrics']; \
@@ -48,7 +48,7 @@ if [ "${1:-}" = fast ]; then
   R50=$FAST/r50@1x.pt; R18=$FAST/r18@1x.pt
   fcell() {
     local name=$1 steps=$2; shift 2
-    python train.py distill --student "$FAST/ots.pt" --keep-order --seed 635 --steps "$steps" --resume \
+    python train.py distill --student "$FAST/ots.pt" --keep-order --seed 635 --steps "$steps" --lam 1 --resume \
       --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
     python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
 m = torch.load(f, weights_only=True)['metrics']; \
@@ -66,7 +66,7 @@ name, sched, out, ots, *teachers = sys.argv[1:]
 train_loader, val_loader = engine.loaders("data/shapes128_800", 8, 635, False)
 model, spec, _ = engine.load(ots)
 for i, t in enumerate(teachers):
-    r = dict(train.RECIPE)
+    r = dict(train.RECIPE, lam=1.0)  # the cells' lam
     if sched == "one":
         r.update(drop_at=2.0) if i == 0 else r.update(warmup=0, drop_at=0.7)
     m = engine.fit(model, spec, f"{out}/{name}/stage{i + 1}.pt", train_loader, val_loader, 400,

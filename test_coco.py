@@ -13,6 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import data
+import engine
 from conftest import tiny_detector
 
 H, W = 64, 80  # not square, so that a swapped [h, w] shows
@@ -193,14 +194,16 @@ BROKEN = {
     "image without height": (lambda d: d["images"][0].pop("height"), "an entry of 'images' lacks one of"),
     "annotation without id": (lambda d: d["annotations"][0].pop("id"), "an entry of 'annotations' lacks"),
     "unknown category": (_set("annotations", 0, "category_id", 5), "annotation 1: category_id 5 is not in"),
-    "unknown image": (_set("annotations", 1, "image_id", 999), "annotation 2: image_id 999 is not in 'images'"),
+    "unknown image": (_set("annotations", 1, "image_id", 999),
+                      "annotation 2: image_id 999 is not in 'images'"),
     "bbox of 3": (_set("annotations", 0, "bbox", [1, 2, 3]), r"bbox \[1, 2, 3\] is not 4 numbers"),
     "bbox of text": (_set("annotations", 0, "bbox", ["1", 2, 3, 4]), "is not 4 numbers"),
     "bbox with NaN": (_set("annotations", 0, "bbox", [math.nan, 2, 3, 4]), "is not 4 numbers"),
     "duplicate id": (_set("annotations", 1, "id", 1), "id 1 appears more than once in 'annotations'"),
     "RLE of other size": (lambda d: d["annotations"][3]["segmentation"].update(size=[W, H]),
                           rf"annotation 4: RLE size \[{W}, {H}\] is not its image's"),
-    "bad segmentation": (_set("annotations", 0, "segmentation", {"counts": "x"}), "neither polygons nor an RLE"),
+    "bad segmentation": (_set("annotations", 0, "segmentation", {"counts": "x"}),
+                         "neither polygons nor an RLE"),
     "image missing": ("rm", r"1 image\(s\) listed in .* are missing from .*, e.g. t_pal.png"),
 }
 
@@ -262,7 +265,7 @@ def test_evaluate_and_results_file_keep_the_original_category_ids(quirky, tmp_pa
         model.detections_per_img = 20
     else:
         model.roi_heads.detections_per_img = 5  # its mask head is the slow part on a CPU
-    metrics = data.evaluate(model, loader, "cpu")
+    metrics = engine.evaluate(model, loader, torch.device("cpu"))
     assert 0 <= metrics["AP"] <= 1 and 0 <= metrics["AP50"] <= 1
     assert ("mask_AP" in metrics) == name.startswith("maskrcnn")
     two = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [0, 1]), 2, collate_fn=data.collate)
@@ -288,8 +291,9 @@ class Oracle(torch.nn.Module):
 
 
 def _det(boxes, labels, masks, score):
-    return {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.as_tensor(labels),
-            "scores": torch.full((len(labels),), score), "masks": torch.from_numpy(masks).float()[:, None]}
+    return {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.as_tensor(labels), "scores": torch.full((len(labels),), score),
+            "masks": torch.from_numpy(masks).float()[:, None]}
 
 
 def _oracle_scores(ds, extra=None):

@@ -72,7 +72,7 @@ def test_cached_teacher_features_give_the_uncached_loss(shapes):
     pairs = [ds.load(i, flip=i % 2 == 1) for i in range(4)]
     images, targets = [p[0] for p in pairs], [p[1] for p in pairs]
     assert [t["flipped"] for t in targets] == [False, True, False, True]
-    adapters, _ = engine.make_adapters(student, [teacher], images)
+    adapters, _ = engine.stage_adapters(student, [teacher], images)
     strides = [int(k) for k in adapters[0]]
     with torch.no_grad():
         exact = fpn_features(teacher, images)
@@ -230,8 +230,8 @@ def test_cost_matrix_leaves_the_models_as_they_came(zoo):
     student = engine.load(str(base / "s.pt"))[0].train()
     teacher = mtpd.freeze(engine.load(str(base / "t1.pt"))[0])
     grads = [p.requires_grad for p in student.parameters()]
-    cost = engine.cost_matrix({"s": student, "t1": teacher}, data.CocoDetection(root, "train", masks=False), 4,
-                              torch.device("cpu"), batch=2)
+    cost = engine.cost_matrix({"s": student, "t1": teacher}, data.CocoDetection(root, "train", masks=False),
+                              4, torch.device("cpu"), batch=2)
     assert cost["s"]["t1"] > 0 and cost["t1"]["s"] > 0
     assert student.training and any(grads) and [p.requires_grad for p in student.parameters()] == grads
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -243,8 +243,8 @@ def test_distill_with_bgs_trains_the_student(zoo, tmp_path):
     and trains each stage (the cost fitting once froze the student: AdamW got no parameters)."""
     base, root = zoo
     out = tmp_path / "bgs"
-    r = run_cli("distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt", "--k", "2",
-                "--images", "4", "--steps", "2", "--batch", "2", "--data", root, "--out", out)
+    r = run_cli("distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt",
+                "--k", "2", "--images", "4", "--steps", "2", "--batch", "2", "--data", root, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     order, cost = json.load(open(out / "order.json"))["order"], json.load(open(out / "cost.json"))["cost"]
     assert 1 <= len(order) <= 2 and set(order) <= {"t1", "t2"} and set(cost) == {"s", "t1", "t2"}
@@ -284,16 +284,17 @@ def test_torchrun_ddp_two_processes_train_and_evaluate(tmp_path):
         spec = engine.make_spec(label, name, 1.0, 64, cats, fpn_channels=16, head_convs=1)
         torch.manual_seed(0)
         model = engine.build(spec)
-        if label == "s":  # a student that already detects something, so that the AP comparison means something
+        # a student that already detects something, so that the AP comparison means something
+        if label == "s":
             engine.train_loop(model, engine.loaders(root, 4, 0, masks=False)[0], 40, torch.device("cpu"), 0,
                               dict(train.RECIPE, lr=2e-3))
         engine.save_ckpt(str(tmp_path / f"{label}.pt"), model, spec, {"AP": 0.5})
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(HERE, "train.py"), "distill", "--student", str(tmp_path / "s.pt"),
-                        "--teachers", str(tmp_path / "t.pt"), "--keep-order", "--steps", "4", "--batch", "2",
-                        "--data", root, "--out", str(out)], cwd=str(tmp_path), env=env,
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        "2", os.path.join(HERE, "train.py"), "distill", "--student", str(tmp_path / "s.pt"),
+                        "--teachers", str(tmp_path / "t.pt"), "--keep-order", "--no-inherit", "--steps", "4",
+                        "--batch", "2", "--data", root, "--out", str(out)], cwd=str(tmp_path), env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("stage 1 (t): AP") == 1  # printed by rank 0 only
@@ -335,11 +336,12 @@ def test_torchrun_cost_matrix_splits_the_images_and_equals_one_process(zoo, tmp_
 @pytest.mark.slow
 def test_killed_distillation_resumes_to_identical_weights(zoo, tmp_path):
     base, root = zoo
-    args = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt", "--keep-order",
-            "--steps", "8", "--ckpt-every", "2", "--batch", "2", "--data", root]
+    args = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt",
+            "--keep-order", "--steps", "8", "--ckpt-every", "2", "--batch", "2", "--data", root]
     args = [str(a) for a in args]
     script = os.path.join(HERE, "train.py")
-    r = subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "a")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "a")], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "b"
     p = subprocess.Popen([sys.executable, script, *args, "--out", str(out)], stdout=subprocess.DEVNULL,
@@ -349,7 +351,8 @@ def test_killed_distillation_resumes_to_identical_weights(zoo, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL and not (out / "student.pt").exists()  # killed mid-run
-    r = subprocess.run([sys.executable, script, *args, "--out", str(out), "--resume"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, script, *args, "--out", str(out), "--resume"], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed at iteration" in r.stdout and "stage 1 (t1): done earlier" in r.stdout
     a = torch.load(tmp_path / "a" / "student.pt", weights_only=True)
@@ -380,7 +383,8 @@ def test_nonfinite_loss_stops_naming_the_terms_and_keeps_the_checkpoint(zoo, tmp
         model.head.classification_head.cls_logits.bias.fill_(float("nan"))
     state = tmp_path / "state.pt"
     state.write_bytes(b"the last good state")
-    with pytest.raises(engine.InputError, match="non-finite loss at iteration 0.*classification.*bbox_regression"):
+    with pytest.raises(engine.InputError,
+                       match="non-finite loss at iteration 0.*classification.*bbox_regression"):
         engine.train_loop(model, loader, 4, torch.device("cpu"), 0, dict(train.RECIPE, lr=1e-3, every=1),
                           state=str(state))
     assert state.read_bytes() == b"the last good state"
@@ -418,14 +422,17 @@ def test_bad_inputs_fail_in_one_line_with_exit_2_and_write_nothing(zoo, tmp_path
     base, root = zoo
     out = tmp_path / "out"
     s, t1 = base / "s.pt", base / "t1.pt"
-    train_args = ["train", "--model", "retinanet_r18", "--epochs", "1", "--batch", "2", "--out", out, "--data"]
+    train_args = ["train", "--model", "retinanet_r18", "--epochs", "1", "--batch", "2", "--out", out,
+                  "--data"]
     bad_json = _coco_copy(root, tmp_path / "badjson", lambda p: open(p, "w").write("{not json"))
     no_keys = _coco_copy(root, tmp_path / "nokeys", lambda p: open(p, "w").write('{"images": []}'))
-    no_image = _coco_copy(root, tmp_path / "noimage", lambda p: os.remove(os.path.join(os.path.dirname(p), "..",
-                                                                                       "train2017", "000000.png")))
+    no_image = _coco_copy(root, tmp_path / "noimage",
+                          lambda p: os.remove(os.path.join(os.path.dirname(p), "..", "train2017",
+                                                           "000000.png")))
 
-    broken = _coco_copy(root, tmp_path / "broken", lambda p: open(os.path.join(os.path.dirname(p), "..",
-                                                                              "train2017", "000000.png"), "w").write("x"))
+    broken = _coco_copy(root, tmp_path / "broken",
+                        lambda p: open(os.path.join(os.path.dirname(p), "..", "train2017", "000000.png"),
+                                       "w").write("x"))
 
     def empty_val(p):
         v = p.replace("train2017", "val2017")
@@ -453,20 +460,27 @@ def test_bad_inputs_fail_in_one_line_with_exit_2_and_write_nothing(zoo, tmp_path
         (["train", "--model", "retinanet_vgg", "--out", out, "--data", root], "known models: retinanet_r18"),
         (["train", "--model", "retinanet_r18", "--data", root, "--out", tmp_path / "afile" / "sub"],
          "not a writable folder"),
-        (["train", "--model", "retinanet_r18", "--data", root, "--device", "cuda", "--out", out], "no CUDA GPU"),
-        (["distill", "--student", s, "--teachers", other, "--data", root, "--out", out], "trained on categories"),
-        (["distill", "--student", s, "--teachers", t1, "--data", root, "--k", "0", "--out", out], "--k must be"),
+        (["train", "--model", "retinanet_r18", "--data", root, "--device", "cuda", "--out", out],
+         "no CUDA GPU"),
+        (["distill", "--student", s, "--teachers", other, "--data", root, "--out", out],
+         "trained on categories"),
+        (["distill", "--student", s, "--teachers", t1, "--data", root, "--k", "0", "--out", out],
+         "--k must be"),
         (["distill", "--student", tmp_path / "none.pt", "--teachers", t1, "--data", root, "--out", out],
          "does not exist"),
-        (["order", "--cost", tmp_path / "cost.json", "--student", "s", "--k", "2"], "is every model in the cost"),
-        (["train", "--model", "retinanet_r18", "--data", root, "--ckpt-every", "0", "--out", out], "--ckpt-every"),
-        (["distill", "--student", s, "--teachers", t1, t1, "--data", root, "--out", out], "have the label 't1'"),
-        (["distill", "--student", s, "--teachers", named_s, "--data", root, "--out", out], "have the label 's'"),
+        (["order", "--cost", tmp_path / "cost.json", "--student", "s", "--k", "2"],
+         "is every model in the cost"),
+        (["train", "--model", "retinanet_r18", "--data", root, "--ckpt-every", "0", "--out", out],
+         "--ckpt-every"),
+        (["distill", "--student", s, "--teachers", t1, t1, "--data", root, "--out", out],
+         "have the label 't1'"),
+        (["distill", "--student", s, "--teachers", named_s, "--data", root, "--out", out],
+         "have the label 's'"),
         (["cost", "--ckpts", s, named_s, "--data", root, "--out", out / "c.json"], "have the label 's'"),
-        (["distill", "--student", s, "--teachers", t1, "--data", root, "--mechanism", "cwd", "pkd", "--keep-order",
-          "--out", out], "one per stage"),
-        (["distill", "--student", s, "--teachers", t1, base / "t2.pt", "--data", root, "--mechanism", "cwd", "pkd",
-          "--out", out], "BGS decides"),
+        (["distill", "--student", s, "--teachers", t1, "--data", root, "--mechanism", "cwd", "pkd",
+          "--keep-order", "--out", out], "one per stage"),
+        (["distill", "--student", s, "--teachers", t1, base / "t2.pt", "--data", root, "--mechanism", "cwd",
+          "pkd", "--out", out], "BGS decides"),
         (["order", "--all", "--ckpt-student", s, "--teachers", t1, named_s, "--data", root, "--out", out],
          "have the label 's'"),
     ]
@@ -512,12 +526,13 @@ def test_lstsq_adapter_starts_the_feature_loss_at_the_fitted_map(zoo):
         logs = []
         if adapter == "lstsq":  # the fit alone changes nothing in the student
             before = {k: v.clone() for k, v in student.state_dict().items()}
-            ads, _ = engine.make_adapters(student, [teacher], [loader.dataset[0][0]], conv=True)
-            engine.least_squares_adapters(student, [teacher], ads, loader.dataset, torch.device("cpu"), 8)
+            ads, _ = engine.stage_adapters(student, [teacher], [loader.dataset[0][0]], conv=True)
+            engine.init_lstsq_adapters(student, [teacher], ads, loader.dataset, torch.device("cpu"), 8)
             assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
             assert not torch.allclose(ads[0]["8"].proj.weight.flatten(1), torch.zeros(16, 16))
         engine.train_loop(student, loader, 1, torch.device("cpu"), 0,
-                          dict(train.RECIPE, lr=1e-3, adapter=adapter, adapter_images=8), [teacher], log=logs.append)
+                          dict(train.RECIPE, lr=1e-3, adapter=adapter, adapter_images=8), [teacher],
+                          log=logs.append)
         start[adapter] = next(r["distill"] for r in logs if r.get("event") == "step")
     # the copy's identity is the exact map; what remains is train-mode BatchNorm on a batch of 4 (flipped)
     # against the teacher's eval mode: the fitted map does as well as the identity, far below conv's start
@@ -532,9 +547,9 @@ def test_cpu_training_is_deterministic_across_processes(zoo, tmp_path):
     outs = []
     for run in ("a", "b"):
         out = tmp_path / run
-        r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "train", "--model", "retinanet_r18",
-                            "--epochs", "1", "--batch", "4", "--data", root, "--min-size", "64",
-                            "--seed", "3", "--out", str(out)],
+        r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "train", "--model",
+                            "retinanet_r18", "--epochs", "1", "--batch", "4", "--data", root, "--min-size",
+                            "64", "--seed", "3", "--out", str(out)],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(torch.load(out / "model.pt", weights_only=True)["model"])
@@ -544,11 +559,13 @@ def test_cpu_training_is_deterministic_across_processes(zoo, tmp_path):
 @pytest.mark.slow
 def test_distill_inherit_copies_the_first_teachers_neck_and_head_once(zoo, tmp_path, capsys):
     base, root = zoo
-    args = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt", "--keep-order",
-            "--steps", "1", "--batch", "2", "--data", root, "--inherit", "--lam", "0", "--out", tmp_path / "d"]
+    args = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt",
+            "--keep-order", "--steps", "1", "--batch", "2", "--data", root, "--inherit", "--lam", "0",
+            "--out", tmp_path / "d"]
     train.main([str(a) for a in args])
     out = capsys.readouterr().out
-    assert out.count("inherited") == 1 and "stage 1: inherited 24 of the student's 24 neck/head tensors" in out
+    assert (out.count("inherited") == 1
+            and "stage 1: inherited 24 of the student's 24 neck/head tensors" in out)
     s, t1 = engine.read(str(base / "s.pt"))["model"], engine.read(str(base / "t1.pt"))["model"]
     after = engine.read(str(tmp_path / "d" / "stage1.pt"))["model"]  # one step at lr 3e-4 / 50 later
     neck = [k for k in s if k.startswith(("backbone.fpn.", "head.")) and s[k].is_floating_point()]

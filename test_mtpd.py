@@ -49,7 +49,8 @@ def test_the_usage_example_at_the_top_of_mtpd_runs_and_distils(monkeypatch):
     assert isinstance(adapters["8"].proj, nn.Identity)  # same widths: identity, then upsampling
     assert not student.backbone._forward_hooks and not student.transform._forward_hooks
     fresh = torchvision_retinanet_state(scope)
-    assert any(not torch.equal(fresh[k], v) for k, v in student.named_parameters())  # trained, not just BN stats
+    # trained, not just the BatchNorm statistics
+    assert any(not torch.equal(fresh[k], v) for k, v in student.named_parameters())
 
 
 def torchvision_retinanet_state(scope):
@@ -99,7 +100,8 @@ def test_alignment_by_real_extent_on_a_non_square_image():
         aligned, mask = mtpd.align(fs[s], ft[s].shape[-2:], s, fs.sizes, ft.sizes)
         padded, _ = mtpd.align(fs[s], ft[s].shape[-2:], s)  # before: the whole padded map resized
         assert mask is not None and mask[0, 0, :, -1].sum() == 0  # the teacher's padded columns
-        assert corr(aligned, ft[s], mask) > 0.95 and corr(aligned, ft[s], mask) > corr(padded, ft[s], mask) + 0.1
+        assert corr(aligned, ft[s], mask) > 0.95
+        assert corr(aligned, ft[s], mask) > corr(padded, ft[s], mask) + 0.1
 
 
 def test_padding_is_left_out_of_the_loss_and_the_costs():
@@ -112,7 +114,8 @@ def test_padding_is_left_out_of_the_loss_and_the_costs():
     other[8][1, :, 5:, :] = 100.0  # rows 5.. and columns 4.. of image 2 are padding
     other[8][1, :, :, 4:] = -100.0
     ad = mtpd.build_adapters(fs, ft, conv=True)
-    assert mtpd.feature_loss(fs, ft, ad).item() == pytest.approx(mtpd.feature_loss(fs, other, ad).item(), rel=1e-6)
+    assert mtpd.feature_loss(fs, ft, ad).item() == pytest.approx(mtpd.feature_loss(fs, other, ad).item(),
+                                                                 rel=1e-6)
     plain = lambda f: dict(f)  # no sizes
     assert mtpd.feature_loss(plain(fs), plain(other), ad).item() != pytest.approx(
         mtpd.feature_loss(plain(fs), plain(ft), ad).item(), rel=1e-3)
@@ -199,11 +202,21 @@ def test_no_sizes_on_maps_of_one_size_and_sizes_everywhere_stay_silent(monkeypat
     assert mtpd_warnings(caught) == [] and not mtpd._warned_padded
 
 
-def test_adapter_kind_from_shapes():
-    assert mtpd.adapter_kind((256, 16, 16), (256, 16, 16)) == "identity"
-    assert mtpd.adapter_kind((128, 16, 16), (256, 16, 16)) == "conv"
-    assert mtpd.adapter_kind((256, 8, 8), (256, 16, 16)) == "upsample"
-    assert mtpd.adapter_kind((2, 128, 8, 8), (2, 256, 16, 16)) == "conv+upsample"
+def test_eval_mode_restores_every_submodules_own_mode_also_on_error():
+    net = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1), nn.Sequential(nn.BatchNorm2d(1)))
+    net.train()
+    net[2].eval()  # mixed modes: a single model.train(mode) afterwards would lose this one
+    other = nn.BatchNorm2d(1).train()
+    before = [m.training for m in (*net.modules(), other)]
+    with mtpd.eval_mode(net, other):
+        assert not any(m.training for m in (*net.modules(), other))
+        net(torch.randn(2, 1, 3, 3))
+    assert [m.training for m in (*net.modules(), other)] == before
+    assert net[1].num_batches_tracked.item() == 0  # the forward inside left the statistics alone
+    with pytest.raises(RuntimeError, match="boom"):
+        with mtpd.eval_mode(net):
+            raise RuntimeError("boom")
+    assert [m.training for m in (*net.modules(), other)] == before
 
 
 @sizeless
@@ -262,14 +275,17 @@ def test_feature_loss_pools_levels_by_pixels():
     # Two levels of different sizes; student zeros. Level 8: t = [1, 2, 3, 4] (SSE 30, 4 * var 4 * 5/3);
     # level 16: t = [0, 2] (SSE 4, 2 * var 2 * 2). Pooled: (30 + 4) / (20/3 + 4) = 3.1875 (a mean of the
     # per-level ratios would be (4.5 + 1) / 2 = 2.75).
-    t = {8: torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 2, 2), 16: torch.tensor([0.0, 2.0]).reshape(1, 1, 1, 2)}
+    t = {8: torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 2, 2),
+         16: torch.tensor([0.0, 2.0]).reshape(1, 1, 1, 2)}
     z = {s: torch.zeros_like(v) for s, v in t.items()}
     levels = {}
     loss = mtpd.feature_loss(z, t, mtpd.build_adapters(z, t), levels=levels)
     assert abs(loss.item() - 34 / (20 / 3 + 4)) < 1e-5
-    assert abs(levels[8].item() - 30 / (20 / 3 + 4)) < 1e-5 and abs(levels[16].item() - 4 / (20 / 3 + 4)) < 1e-5
+    assert abs(levels[8].item() - 30 / (20 / 3 + 4)) < 1e-5
+    assert abs(levels[16].item() - 4 / (20 / 3 + 4)) < 1e-5
     # the same error per pixel on a 4x4 and a 2x2 level: shares in proportion to the pixels (16 : 4)
-    t = {8: torch.tensor([1.0, -1.0]).repeat(8).reshape(1, 1, 4, 4), 16: torch.tensor([1.0, -1.0]).repeat(2).reshape(1, 1, 2, 2)}
+    t = {8: torch.tensor([1.0, -1.0]).repeat(8).reshape(1, 1, 4, 4),
+         16: torch.tensor([1.0, -1.0]).repeat(2).reshape(1, 1, 2, 2)}
     z, levels = {s: torch.zeros_like(v) for s, v in t.items()}, {}
     loss = mtpd.feature_loss(z, t, mtpd.build_adapters(z, t), levels=levels)
     assert abs(levels[8].item() / levels[16].item() - 4.0) < 1e-5
@@ -291,7 +307,8 @@ def test_inherit_copies_neck_by_stride_and_head_by_type():
     body = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("backbone.body.")}
     copied, of = inherit(student, retina, images)  # the same RetinaNet at another scale: neck and head
     own, theirs = student.state_dict(), retina.state_dict()
-    assert copied == of and all(torch.equal(own[k], theirs[k]) for k in own if k.startswith(("backbone.fpn.", "head.")))
+    assert copied == of
+    assert all(torch.equal(own[k], theirs[k]) for k in own if k.startswith(("backbone.fpn.", "head.")))
     assert all(torch.equal(own[k], v) for k, v in body.items())  # the body keeps the student's weights
     student = tiny_detector(scale=0.5)
     head = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("head.")}
@@ -300,7 +317,8 @@ def test_inherit_copies_neck_by_stride_and_head_by_type():
     # Mask R-CNN's FPN block 1 is stride 8, RetinaNet's block 0: paired by stride, not by index
     for block in ("inner_blocks", "layer_blocks"):
         for i in range(3):
-            assert torch.equal(own[f"backbone.fpn.{block}.{i}.0.weight"], theirs[f"backbone.fpn.{block}.{i + 1}.0.weight"])
+            assert torch.equal(own[f"backbone.fpn.{block}.{i}.0.weight"],
+                               theirs[f"backbone.fpn.{block}.{i + 1}.0.weight"])
     assert 0 < copied < of and all(torch.equal(student.state_dict()[k], v) for k, v in head.items())
     with pytest.raises(ValueError, match="nothing to inherit"):  # other widths, another detector type
         inherit(tiny_detector(scale=0.5), tiny_detector("maskrcnn_r18", fpn_channels=32), images)
@@ -313,19 +331,22 @@ def test_gradients_reach_student_and_adapter_never_teacher():
     feats, hook = mtpd.capture_features(student.backbone, student.transform)  # sizes, as the teacher has
     with torch.no_grad():
         fs, ft = fpn_features(student.eval(), images), fpn_features(teacher, images)
-    assert mtpd.adapter_kind(fs[8].shape, ft[8].shape) == "upsample"  # 32-px student vs 64-px teacher
+    # an upsampling adapter: same widths, a 32-px student's P3 smaller than a 64-px teacher's
+    assert fs[8].shape[1] == ft[8].shape[1] and fs[8].shape[-2:] != ft[8].shape[-2:]
     adapters = [mtpd.build_adapters(fs, ft)]
     student.train()
     losses = mtpd.distill_losses(student, images, targets, feats, [teacher], adapters, fpn_features, lam=1.0)
     hook.remove()
     assert "distill" in losses and losses["distill"].item() > 0
     sum(losses.values()).backward()
-    assert all(p.grad is None for p in teacher.parameters()) and not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
     assert student.backbone.body.conv1.weight.grad.abs().sum() > 0
     # the distillation term alone moves the student's backbone (it is not only the detection loss)
     student.zero_grad()
     feats, hook = mtpd.capture_features(student.backbone, student.transform)
-    mtpd.distill_losses(student, images, targets, feats, [teacher], adapters, fpn_features)["distill"].backward()
+    losses = mtpd.distill_losses(student, images, targets, feats, [teacher], adapters, fpn_features)
+    losses["distill"].backward()
     hook.remove()
     assert student.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
 
@@ -392,8 +413,8 @@ def test_least_squares_adapters_start_at_the_affine_map_across_resolutions():
 def test_cost_resizes_across_resolutions():
     a = _feats(5, hw=4)
     up = torch.nn.functional.interpolate(a, size=(8, 8), mode="bilinear", align_corners=False)
-    cost = mtpd.adaptation_costs([("fit", {"lo": {8: a}, "hi": {8: up}}), ("held", {"lo": {8: a}, "hi": {8: up}})],
-                                 ridge=1e-8)
+    cost = mtpd.adaptation_costs([("fit", {"lo": {8: a}, "hi": {8: up}}),
+                                  ("held", {"lo": {8: a}, "hi": {8: up}})], ridge=1e-8)
     assert cost["lo"]["hi"] < 1e-6 and cost["hi"]["lo"] > cost["lo"]["hi"]
 
 
@@ -454,19 +475,29 @@ def test_bgs_picks_cheapest_bridge_not_best_ap():
     assert order == ["T1", "T3"]
 
 
-def test_progressive_schedule_runs_each_teacher_in_order_from_previous_weights():
-    student = nn.Linear(1, 1, bias=False)
-    nn.init.zeros_(student.weight)
-    seen = []
+def test_progressive_schedule_runs_each_teacher_in_order_from_the_previous_stages_student():
+    calls = []
 
-    def run_stage(model, teachers, i):
-        seen.append((i, teachers[0], model.weight.item()))
+    def run_stage(student, teacher, i):  # a student named by what trained it, as a checkpoint path names one
+        calls.append((i, teacher, student))
+        return f"{student}+{teacher}", f"AP after {teacher}"
+
+    last, results = mtpd.progressive_distillation("ots", ["A", "B", "C"], run_stage)
+    assert calls == [(0, "A", "ots"), (1, "B", "ots+A"), (2, "C", "ots+A+B")]
+    assert last == "ots+A+B+C" and results == ["AP after A", "AP after B", "AP after C"]
+    # a module trained in place: each stage starts from the weights the previous one left
+    student, seen = nn.Linear(1, 1, bias=False), []
+    nn.init.zeros_(student.weight)
+
+    def train_in_place(model, teacher, i):
+        seen.append(model.weight.item())
         with torch.no_grad():
             model.weight += 1
-        return i
+        return model, i
 
-    assert mtpd.progressive_distillation(student, ["A", "B", "C"], run_stage) == [0, 1, 2]
-    assert seen == [(0, "A", 0.0), (1, "B", 1.0), (2, "C", 2.0)]
+    assert mtpd.progressive_distillation(student, ["A", "B"], train_in_place) == (student, [0, 1])
+    assert seen == [0.0, 1.0]
+    assert mtpd.progressive_distillation(student, [], train_in_place) == (student, [])  # no teacher, no stage
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -601,7 +632,8 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     assert [p["step"] for p in gen["mtpd"]] == [i * res["budget_steps"] // k for i in range(k + 1)]
     assert [p["step"] for p in gen["long"]] == [p["step"] for p in gen["mtpd"]]
     assert gen["long"][0]["det_loss"] == gen["mtpd"][0]["det_loss"]  # both start from the OTS student
-    assert gen["long"][-1]["det_loss"] != gen["mtpd"][-1]["det_loss"] and all(p["det_loss"] > 0 for p in gen["long"])
+    assert gen["long"][-1]["det_loss"] != gen["mtpd"][-1]["det_loss"]
+    assert all(p["det_loss"] > 0 for p in gen["long"])
     for land in res["analysis"]["landscape"].values():
         mid = len(land["alphas"]) // 2
         assert all(abs(c[mid] - land["loss0"]) < 1e-4 * land["loss0"] for c in land["curves"])
@@ -620,16 +652,19 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     assert [rec["step"] for rec in steps] == sorted(set(range(0, b, 10)) | {b - 1})
     assert all({"classification", "bbox_regression", "distill"} <= set(rec) for rec in steps)
     assert sorted(steps[0]["distill_levels"], key=int) == ["8", "16", "32", "64", "128"]
-    assert all(abs(sum(rec["distill_levels"].values()) - rec["distill"]) < 1e-4 * rec["distill"] for rec in steps)
+    assert all(abs(sum(rec["distill_levels"].values()) - rec["distill"]) < 1e-4 * rec["distill"]
+               for rec in steps)
     assert all(not rec["distill_levels"] for rec in log if rec["event"] == "step" and rec["desc"] == "long")
     ratio = res["runs"]["direct"]["distill_ratio_start"]
-    assert abs(ratio - steps[0]["distill"] / (steps[0]["classification"] + steps[0]["bbox_regression"])) < 1e-6
+    detection = steps[0]["classification"] + steps[0]["bbox_regression"]
+    assert abs(ratio - steps[0]["distill"] / detection) < 1e-6
     assert "## Distillation vs detection loss" in open(out / "report.md").read()
     # the §3.5 control: MTPD's schedule without a teacher, one checkpoint per stage
     assert all((out / "ckpt" / f"long_restart_stage{i + 1}.pt").is_file() for i in range(len(res["order"])))
     restarts = [rec for rec in log if rec["event"] == "trained" and rec["desc"].startswith("long_restart")]
     assert [(rec["desc"], rec["steps"]) for rec in restarts] == [
-        (f"long_restart_stage{i + 1}", train.PRESETS["tiny"]["stage_steps"]) for i in range(len(res["order"]))]
+        (f"long_restart_stage{i + 1}", train.PRESETS["tiny"]["stage_steps"])
+        for i in range(len(res["order"]))]
     # a second run reuses the folder: no checkpoint is rewritten, and it prints the same table
     mtimes = {f: os.path.getmtime(out / "ckpt" / f) for f in os.listdir(out / "ckpt")}
     r2 = run_cli("reproduce", "--preset", "tiny", "--out", str(out), cwd=str(tmp_path))
@@ -637,7 +672,8 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     # a cached checkpoint trained with another recipe is refused, not silently reused
     bad = run_cli("--preset", "tiny", "--out", str(out), "--lam", "3", cwd=str(tmp_path))
     assert bad.returncode == 2 and "direct.pt was trained with another recipe" in bad.stderr
-    assert r2.returncode == 0 and mtimes == {f: os.path.getmtime(out / "ckpt" / f) for f in os.listdir(out / "ckpt")}
+    assert r2.returncode == 0
+    assert mtimes == {f: os.path.getmtime(out / "ckpt" / f) for f in os.listdir(out / "ckpt")}
     assert r.stdout.split("run ")[-1].split("wall")[0] == r2.stdout.split("run ")[-1].split("wall")[0]
     # Fig. 4 on top: only the PKD runs train; the L2 rows are the ones above
     r3 = run_cli("reproduce", "--preset", "tiny", "--out", str(out), "--mechanism", "pkd", cwd=str(tmp_path))
@@ -646,7 +682,8 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     assert sorted(mech) == ["l2", "pkd"] and mech["l2"]["mtpd"] == res["runs"]["mtpd"]
     assert 0 <= mech["pkd"]["direct"]["AP"] <= 1 and 0 <= mech["pkd"]["mtpd"]["AP"] <= 1
     k = len(res["order"])  # PKD trained another student than the L2 (tiny APs can both be 0: compare weights)
-    pkd, l2 = (torch.load(out / "ckpt" / f"mtpd{m}_stage{k}.pt", weights_only=True)["model"] for m in ("_pkd", ""))
+    pkd, l2 = (torch.load(out / "ckpt" / f"mtpd{m}_stage{k}.pt", weights_only=True)["model"]
+               for m in ("_pkd", ""))
     assert any(not torch.equal(pkd[x], l2[x]) for x in l2)
     new = set(os.listdir(out / "ckpt")) - set(mtimes)
     assert new == {"direct_pkd.pt"} | {f"mtpd_pkd_stage{i + 1}.pt" for i in range(len(res["order"]))}
@@ -666,11 +703,14 @@ def test_reproduce_several_seeds_share_the_pool_and_give_mean_and_spread(tmp_pat
         assert json.load(open(out / f"seed{s}" / "results.json"))["runs"] == res["per_seed"][s]["runs"]
         assert not any(f.startswith("r18") for f in os.listdir(out / f"seed{s}" / "ckpt"))
     ap = [res["per_seed"][s]["runs"]["long"]["AP"] for s in ("0", "1")]
-    assert res["per_seed"]["0"]["runs"]["ots"] != res["per_seed"]["1"]["runs"]["ots"]  # another seed, another run
-    assert abs(res["mean"]["long"]["AP"] - sum(ap) / 2) < 1e-9 and abs(res["std"]["long"]["AP"] - abs(ap[0] - ap[1]) / 2 ** 0.5) < 1e-9
-    gap = [res["per_seed"][s]["runs"]["mtpd"]["AP"] - res["per_seed"][s]["runs"]["direct"]["AP"] for s in ("0", "1")]
+    runs = {s: res["per_seed"][s]["runs"] for s in ("0", "1")}
+    assert runs["0"]["ots"] != runs["1"]["ots"]  # another seed, another run
+    assert abs(res["mean"]["long"]["AP"] - sum(ap) / 2) < 1e-9
+    assert abs(res["std"]["long"]["AP"] - abs(ap[0] - ap[1]) / 2 ** 0.5) < 1e-9
+    gap = [runs[s]["mtpd"]["AP"] - runs[s]["direct"]["AP"] for s in ("0", "1")]
     assert abs(res["gaps"]["mtpd - direct"]["AP"]["mean"] - sum(gap) / 2) < 1e-9
-    assert set(res["gaps"]) == {"direct - long", "mtpd - direct", "mtpd - long", "mtpd - long_restart", "mtpd - ensemble"}
+    assert set(res["gaps"]) == {"direct - long", "mtpd - direct", "mtpd - long", "mtpd - long_restart",
+                                "mtpd - ensemble"}
     text = open(out / "report.md").read()
     assert "## Mean ± std over seeds" in text and "## Gaps" in text
 

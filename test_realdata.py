@@ -168,7 +168,8 @@ def test_coco_like_end_to_end_in_float32_and_bf16(coco_like, tmp_path, capsys):
     for precision in ("fp32", "bf16"):
         out = tmp_path / f"distill_{precision}"
         log = run(capsys, "distill", "--student", student, "--teachers", teacher, "--steps", 4,
-                  "--images", 8, "--batch", 4, "--precision", precision, *common, "--out", out)
+                  "--no-inherit", "--images", 8, "--batch", 4, "--precision", precision, *common,
+                  "--out", out)
         assert f"precision {precision}" in log and "order: r18" in log  # BGS, on the costs it computed
         assert json.load(open(out / "order.json"))["precision"] == precision and (out / "cost.json").is_file()
         distilled = torch.load(out / "student.pt", weights_only=True)

@@ -47,7 +47,8 @@ def settings(model):
     for name, m in model.named_modules():
         for k, v in vars(m).items():
             if k not in NOT_MODULE and k != "spec_name" and (
-                    isinstance(v, PLAIN) or isinstance(v, dict) and all(isinstance(x, PLAIN) for x in v.values())):
+                    isinstance(v, PLAIN)
+                    or isinstance(v, dict) and all(isinstance(x, PLAIN) for x in v.values())):
                 out[f"{name}.{k}"] = v
     return out
 
@@ -110,7 +111,8 @@ def test_small_image_settings_apply_to_exact_names():
     assert retina.anchor_generator.sizes[0] == (8, 10, 12) and retina.anchor_generator.sizes[-1][0] == 128
     assert fcos.anchor_generator.sizes == ((2.0,), (4.0,), (8.0,), (16.0,), (32.0,))  # one per level
     assert fcos.center_sampling_radius * fcos.anchor_generator.sizes[0][0] == 1.5 * 8  # 1.5 strides
-    assert faster.rpn.anchor_generator.sizes[0] == (16,) and faster.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert (faster.rpn.anchor_generator.sizes[0] == (16,)
+            and faster.roi_heads.fg_bg_sampler.batch_size_per_image == 64)
     assert faster.rpn._pre_nms_top_n == dict(training=600, testing=300)  # CPU-friendly at small sizes
     assert retina.head.regression_head._loss_type == "giou"
 
@@ -140,6 +142,14 @@ def tiny(name, scale=1.0, size=64, num_classes=8, **kw):
                           **{"fpn_channels": 16, "head_convs": 1, "anchor_base": 4, **kw})
 
 
+def adapter_kind(adapter, fs, ft):
+    """Which of the paper's four cases (§3.1) an adapter built for one level pair is: a 1x1 conv or not
+    (mtpd.Adapter.proj), a resize or not (the maps' sizes differ)."""
+    conv, resize = isinstance(adapter.proj, torch.nn.Conv2d), fs.shape[-2:] != ft.shape[-2:]
+    return {(False, False): "identity", (True, False): "conv", (False, True): "upsample",
+            (True, True): "conv+upsample"}[(conv, resize)]
+
+
 def distil_step(student, teacher, images, strides, kind):
     """One step of §3.1 on the feature loss alone: levels paired by stride, one fresh adapter per level.
     Checks the adapter kinds, that the student's backbone trains and that the teacher stays as it was."""
@@ -150,7 +160,7 @@ def distil_step(student, teacher, images, strides, kind):
     fs = fpn_features(student, images)
     adapters = mtpd.build_adapters(fs, ft)
     assert mtpd.common_strides(fs, ft) == strides and sorted(map(int, adapters)) == strides
-    kinds = {s: mtpd.adapter_kind(fs[s].shape, ft[s].shape) for s in strides}
+    kinds = {s: adapter_kind(adapters[str(s)], fs[s], ft[s]) for s in strides}
     assert kinds[strides[0]] == kind
     if "upsample" not in kind:  # at tiny sizes the coarsest levels of two resolutions can both be 1x1
         assert set(kinds.values()) == {kind}
@@ -176,7 +186,8 @@ PAIRS = {  # id: student, teacher (name, build kwargs), common strides, adapter 
     "fpn16,x0.5<-fpn32": (("retinanet_r18", dict(scale=0.5)), ("retinanet_r18", dict(fpn_channels=32)), ALL,
                           "conv+upsample"),
     # torchvision's widths (256-channel FPN, P2-P6) into a 16-channel P3-P7 student
-    "retinanet<-fasterrcnn_r50": (("retinanet_r18", {}), ("fasterrcnn_r50", dict(fpn_channels=256)), R, "conv"),
+    "retinanet<-fasterrcnn_r50": (("retinanet_r18", {}), ("fasterrcnn_r50", dict(fpn_channels=256)), R,
+                                  "conv"),
 }
 
 
@@ -489,12 +500,16 @@ def test_other_number_of_classes_keeps_all_but_the_class_layers(tv_maskrcnn):
     model = build_detector("maskrcnn_r50", 5, min_size=64, max_size=64)
     fresh = {k: v.clone() for k, v in model.state_dict().items() if v.shape != sd[k].shape}
     msg = load_weights(model, path, 5)
-    assert sorted(fresh) == ["roi_heads.box_predictor.bbox_pred.bias", "roi_heads.box_predictor.bbox_pred.weight",
-                             "roi_heads.box_predictor.cls_score.bias", "roi_heads.box_predictor.cls_score.weight",
+    assert sorted(fresh) == ["roi_heads.box_predictor.bbox_pred.bias",
+                             "roi_heads.box_predictor.bbox_pred.weight",
+                             "roi_heads.box_predictor.cls_score.bias",
+                             "roi_heads.box_predictor.cls_score.weight",
                              "roi_heads.mask_predictor.mask_fcn_logits.bias",
                              "roi_heads.mask_predictor.mask_fcn_logits.weight"]
-    assert "\n" not in msg and "fresh heads for 5 classes" in msg and "roi_heads.box_predictor.cls_score.weight" in msg
-    assert msg.startswith(f"kept {len(sd) - 6} tensors (backbone.body, backbone.fpn, rpn.head, roi_heads.box_head")
+    assert ("\n" not in msg and "fresh heads for 5 classes" in msg
+            and "roi_heads.box_predictor.cls_score.weight" in msg)
+    assert msg.startswith(f"kept {len(sd) - 6} tensors (backbone.body, backbone.fpn, rpn.head, "
+                          "roi_heads.box_head")
     for k, v in model.state_dict().items():
         assert torch.equal(v, fresh[k] if k in fresh else sd[k]), k
 
@@ -551,8 +566,8 @@ def test_mismatched_weights_are_one_line_errors(tmp_path):
         load_weights(model, str(tmp_path / "renamed.pt"), 8)
     assert one_line(e)
     torch.save(tiny("retinanet_r18", fpn_channels=32).state_dict(), tmp_path / "wide.pt")
-    with pytest.raises(ValueError, match=r"of other shape \(backbone.fpn.inner_blocks.0.0.weight \[32, 128, 1, 1\] "
-                                         r"vs \[16, 128, 1, 1\]") as e:
+    with pytest.raises(ValueError, match=r"of other shape \(backbone.fpn.inner_blocks.0.0.weight "
+                                         r"\[32, 128, 1, 1\] vs \[16, 128, 1, 1\]") as e:
         load_weights(model, str(tmp_path / "wide.pt"), 8)
     assert one_line(e)
     with pytest.raises(ValueError, match="no such file, and not a torchvision weights name"):
@@ -584,8 +599,10 @@ def test_swin_backbone_weights_from_a_file(tmp_path):
     feats = {f"features.{k}": v + 1 for k, v in model.backbone.features.state_dict().items()}
     torch.save({**feats, "norm.weight": torch.ones(768), "norm.bias": torch.zeros(768),
                 "head.weight": torch.zeros(1000, 768), "head.bias": torch.zeros(1000)}, tmp_path / "swin.pth")
-    assert load_backbone_weights(model, str(tmp_path / "swin.pth")).startswith(f"loaded {len(feats)} backbone")
-    assert all(torch.equal(v, feats[f"features.{k}"]) for k, v in model.backbone.features.state_dict().items())
+    assert load_backbone_weights(model, str(tmp_path / "swin.pth")).startswith(
+        f"loaded {len(feats)} backbone")
+    assert all(torch.equal(v, feats[f"features.{k}"])
+               for k, v in model.backbone.features.state_dict().items())
 
 
 def test_missing_weights_without_network_say_where_to_put_them(monkeypatch, tmp_path):
@@ -606,17 +623,21 @@ def test_train_cli_loads_weights_files_and_reports_mismatches(shapes, tmp_path):
     cats = len(data_categories(root))
     src = build_detector("retinanet_r18", cats + 1, min_size=64, max_size=64)
     torch.save(src.state_dict(), tmp_path / "same.pt")
-    torch.save(build_detector("retinanet_r18", cats + 4, min_size=64, max_size=64).state_dict(), tmp_path / "other.pt")
+    torch.save(build_detector("retinanet_r18", cats + 4, min_size=64, max_size=64).state_dict(),
+               tmp_path / "other.pt")
     common = ["train", "--model", "retinanet_r18", "--data", root, "--min-size", "64", "--epochs", "0",
               "--batch", "4"]
     r = run_cli(*common, "--weights", tmp_path / "same.pt", "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr[-1500:]
     got = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    assert got["spec"]["pretrained"] and all(torch.equal(v, got["model"][k]) for k, v in src.state_dict().items())
+    assert got["spec"]["pretrained"] and all(torch.equal(v, got["model"][k])
+                                             for k, v in src.state_dict().items())
     r = run_cli(*common, "--weights", tmp_path / "other.pt", "--out", tmp_path / "b")
     assert r.returncode == 0 and "fresh heads" in r.stdout and "cls_logits" in r.stdout
-    r = run_cli(*common[:2], "retinanet_r34", *common[3:], "--weights", tmp_path / "same.pt", "--out", tmp_path / "c")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(*common[:2], "retinanet_r34", *common[3:], "--weights", tmp_path / "same.pt", "--out",
+                tmp_path / "c")
+    assert (r.returncode == 2 and r.stderr.count("\n") == 1 and "missing" in r.stderr
+            and "Traceback" not in r.stderr)
     assert not (tmp_path / "c").exists()
 
 

@@ -22,25 +22,31 @@ import mechanisms
 import models
 import mtpd
 import reproduce
-from engine import (build, check_classes, check_labels, check_writable, load, make_spec, save, save_ckpt, save_json,
-                    teacher_order)
+from engine import (build, check_classes, check_labels, check_writable, load, make_spec, save,
+                    save_json, teacher_order)
 from models import ZOO
 from report import table
 
 # ---------------------------------------------------------------------------------------------------------
-# The training recipe of every run, and the presets of `reproduce`.
+# The method's defaults, the training recipe of every run, and the presets of `reproduce`.
 # ---------------------------------------------------------------------------------------------------------
+# The method's settings, stated once: every subcommand uses them unless a flag (or a preset that says why)
+# overrides them. lam: the feature loss's weight; mtpd.feature_loss divides the paper's plain L2 by the
+# teacher's feature variance in the batch, so lam = 1 weighs the fraction of it the student misses, the
+# order of the detection loss. inherit: copy the first teacher's neck and head into the student before
+# stage 1 (the authors' code). k: at most this many teachers (BGS, Alg. 1). adapter: 'auto' (identity where
+# the widths match, §3.1), 'conv' (a learned 1x1 conv) or 'lstsq' (a 1x1 conv started at the least-squares
+# map the adaptation cost fits; not in the paper). The default preset's values (RESULTS.md).
+METHOD = dict(lam=3.0, inherit=True, k=2, adapter="auto")
+
 # Every stage gets a fresh AdamW and LR schedule (§3.2): linear warm-up, constant, x `drop` from `drop_at`
 # of the iterations on (from scratch, decaying early hurts), gradients clipped at the official recipe's
-# max-norm. lam: the feature loss's weight; adapter: 'auto' (identity where the widths match, §3.1),
-# 'lstsq' (a 1x1 conv started at the least-squares map, fitted on adapter_images training images) or
-# 'conv'; published: the mechanisms' published loss weights. precision, fused, cache, cache_gib, compile,
-# every, resume: how it runs (engine.train_loop); the command line sets them (--precision auto resolves
-# to what the device computes natively: engine.choose_precision), and --lr, --lam, --adapter override
-# the rest.
+# max-norm. published: the mechanisms' published loss weights. precision, fused, cache, cache_gib, every,
+# resume: how it runs (engine.train_loop); the command line sets them (--precision auto resolves to what
+# the device computes natively: engine.choose_precision), and --lr, --lam, --adapter override the rest.
 RECIPE = dict(lr=3e-4, weight_decay=1e-4, warmup=50, drop_at=0.85, drop=0.1, clip=35.0,
-              lam=1.0, adapter="auto", adapter_images=64, published=False,
-              precision="fp32", fused=True, cache=True, cache_gib=2.0, compile=False, every=100, resume=False)
+              lam=METHOD["lam"], adapter=METHOD["adapter"], adapter_images=64, published=False,
+              precision="fp32", fused=True, cache=True, cache_gib=2.0, every=100, resume=False)
 
 
 def model(label, name, scale, steps=None, **build):
@@ -49,29 +55,28 @@ def model(label, name, scale, steps=None, **build):
 
 
 SMALL = dict(fpn_channels=128, head_convs=2)  # a light RetinaNet: at 128 px its head dominates the step
-PRESETS = {  # measured on 2 CPU cores (RESULTS.md): tiny about a minute
-    "tiny": dict(n_train=48, n_val=24, size=64, batch=8, lr=1e-3, lam=1.0, k=2, cost_images=16, inherit=True,
+# A preset is METHOD plus the run's size (train.py reproduce --preset; RESULTS.md has what each took).
+PRESETS = {
+    # every step of the reproduction in about a minute on 2 CPU cores, at lam 1 (its first setting: the
+    # tests compare its numbers across changes)
+    "tiny": dict(n_train=48, n_val=24, size=64, batch=8, lr=1e-3, lam=1.0, cost_images=16,
                  student=model("student", "retinanet_r18", 0.5, **SMALL), student_steps=30, stage_steps=12,
                  probe=(1, 8), landscape=dict(points=5, dirs_1d=1, points_2d=3),
                  pool=[model("r18@1x", "retinanet_r18", 1.0, 30, **SMALL),
                        model("r34@1x", "retinanet_r34", 1.0, 30, **SMALL)]),
-    # The paper's protocol (Table 3) scaled to 2 CPU cores: k = 2 stages, the rows at the same budget, a
-    # teacher must beat the longer-trained student by `margin` AP, the first teacher's neck and head are
-    # inherited (the authors' code), the L2 pooled over levels by pixels. Sized from measurements (RESULTS.md):
-    # a stage is half the OTS schedule, since each OTS-length stage would take the run past 30 minutes (a
-    # converged OTS student, 5000 iterations, is the `converged` preset, below); lam = 3: on three seeds
-    # direct - long was +4.8 +- 0.3 AP at lam 3 and +3.5 +- 0.3 at lam 1, and MTPD 46.4 against 46.1.
-    "default": dict(n_train=800, n_val=200, size=128, batch=8, lr=3e-4, lam=3.0, k=2, cost_images=64,
-                    inherit=True, adapter="auto", margin=0.03,
-                    student=model("student", "retinanet_r18", 0.5, **SMALL), student_steps=800, stage_steps=400,
-                    probe=(4, 8), landscape=dict(points=11, dirs_1d=3, points_2d=7),
+    # The paper's protocol (Table 3) scaled to 2 CPU cores: k stages, the rows at the same budget, a teacher
+    # must beat the longer-trained student by `margin` AP. A stage is half the OTS schedule, since each
+    # OTS-length stage would take the run past 30 minutes (a converged OTS student is the `converged`
+    # preset, below).
+    "default": dict(n_train=800, n_val=200, size=128, batch=8, lr=3e-4, cost_images=64, margin=0.03,
+                    student=model("student", "retinanet_r18", 0.5, **SMALL), student_steps=800,
+                    stage_steps=400, probe=(4, 8), landscape=dict(points=11, dirs_1d=3, points_2d=7),
                     pool=[model("r18@1x", "retinanet_r18", 1.0, 1000, **SMALL),
                           model("r50@1x", "retinanet_r50", 1.0, 600, **SMALL, zero_init_residual=True),
                           model("mrcnn_r18@1x", "maskrcnn_r18", 1.0, 200, fpn_channels=128)]),
-    # Needs a GPU: a Swin teacher, which a CPU cannot train well in minutes (measured: 4.9 AP after
-    # 300 steps, 5 min, on the default data), and full-width heads.
-    "gpu": dict(n_train=8000, n_val=500, size=256, batch=16, lr=3e-4, lam=1.0, k=2, cost_images=256, inherit=True,
-                margin=0.03,
+    # Needs a GPU: a Swin teacher, which a CPU cannot train well in minutes (RESULTS.md), and full-width
+    # heads; lam 1, its first setting (not measured on a GPU since).
+    "gpu": dict(n_train=8000, n_val=500, size=256, batch=16, lr=3e-4, lam=1.0, cost_images=256, margin=0.03,
                 student=model("student", "retinanet_r18", 0.5), student_steps=10000, stage_steps=5000,
                 probe=(8, 16), landscape=dict(points=21, dirs_1d=3, points_2d=11),
                 pool=[model("r18@1x", "retinanet_r18", 1.0, 10000),
@@ -79,16 +84,14 @@ PRESETS = {  # measured on 2 CPU cores (RESULTS.md): tiny about a minute
                       model("maskrcnn_r50@1x", "maskrcnn_r50", 1.0, 15000, zero_init_residual=True),
                       model("swin_t@1x", "retinanet_swin_t", 1.0, 20000)]),
 }
-
-
 # The default with a converged OTS student: 5000 iterations, where its learning curve has plateaued and the
-# LR drop has been taken (RESULTS.md); every schedule of the student is 6.25x the default's (a stage is half
-# the OTS schedule, as in the default), and R50@1x trains 1000 iterations so that it beats the
-# longer-trained student. About 110 minutes on 2 CPU cores (78 measured for the rows): the regime of the
-# paper's Table 3, where training longer adds little (RESULTS.md, "A converged OTS student").
+# LR drop has been taken; every schedule of the student is 6.25x the default's (a stage is half the OTS
+# schedule, as in the default), and R50@1x trains 1000 iterations so that it beats the longer-trained
+# student: the regime of the paper's Table 3, where training longer adds little (RESULTS.md).
 PRESETS["converged"] = dict(PRESETS["default"], student_steps=5000, stage_steps=2500,
                             pool=[dict(m, steps=1000) if m["label"] == "r50@1x" else m
                                   for m in PRESETS["default"]["pool"]])
+PRESETS = {name: {**METHOD, **p} for name, p in PRESETS.items()}
 
 
 fail = engine.fail  # raises engine.InputError; main() prints it as one line and exits with code 2
@@ -115,16 +118,11 @@ def dataset_root(args, split="train"):
 
 def recipe(args, **run):
     """RECIPE with this command's flags: the precision main() chose (engine.choose_precision), the feature
-    cache (--no-cache) and its size, --compile, the resume state every --ckpt-every iterations (continued
-    with --resume), and `run` (lr, lam, ...)."""
+    cache (--no-cache) and its size, the resume state every --ckpt-every iterations (continued with
+    --resume), and `run` (lr, lam, ...)."""
     return dict(RECIPE, precision=args.precision, cache=args.cache, cache_gib=args.cache_gib,
-                compile=args.compile, every=getattr(args, "ckpt_every", 0),
+                every=getattr(args, "ckpt_every", 0),
                 resume=getattr(args, "resume", False), **run)
-
-
-def evaluate(model, loader, args):
-    """COCO metrics, the forward in the command's precision."""
-    return engine.evaluate(model, loader, args.dev, args.precision)
 
 
 def workers(args):
@@ -144,14 +142,16 @@ def cmd_reproduce(args):
     check_writable(out)
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         fail(f"--seeds must be different from each other, got {args.seeds}")
-    p = dict(p, **{k: v for k, v in (("lam", args.lam), ("inherit", args.inherit), ("adapter", args.adapter),
-                                     ("stage_steps", args.stage_steps)) if v is not None})
+    flags = (("lam", args.lam), ("inherit", args.inherit), ("adapter", args.adapter),
+             ("stage_steps", args.stage_steps))
+    p = dict(p, **{k: v for k, v in flags if v is not None})
     if p["stage_steps"] < 1:
         fail(f"--stage-steps must be at least 1, got {p['stage_steps']}")
     root = dataset_root(args)  # after the checks: a bad flag writes nothing
-    return reproduce.reproduce(p, args.preset, out, root, lambda b, masks, seed: loaders(args, root, b, seed, masks),
+    return reproduce.reproduce(p, args.preset, out, root,
+                               lambda b, masks, seed: loaders(args, root, b, seed, masks),
                                args.dev, args.seeds or [args.seed],
-                               recipe(args, lr=p["lr"], lam=p["lam"], adapter=p.get("adapter", "auto"),
+                               recipe(args, lr=p["lr"], lam=p["lam"], adapter=p["adapter"],
                                       published=args.published_weights),
                                args.mechanism, args.all_orders)
 
@@ -162,7 +162,8 @@ def cmd_train(args):
     device = args.dev
     root = dataset_root(args)
     check_writable(args.out)
-    train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=args.model.startswith("maskrcnn"))
+    train_loader, val_loader = loaders(args, root, args.batch, args.seed,
+                                       masks=args.model.startswith("maskrcnn"))
     final = os.path.join(args.out, "model.pt")
     if args.resume and os.path.isfile(final):
         print(f"{final} is complete; nothing to resume")
@@ -171,7 +172,8 @@ def cmd_train(args):
     sizes = input_sizes(args, ds)
     spec = make_spec(args.label or args.model, args.model, args.scale, sizes["min_size"], ds.category_ids,
                      max_size=sizes["max_size"], anchor_base=sizes["anchor_base"],
-                     pretrained=bool(args.weights or args.weights_backbone))  # torchvision's fine-tuning recipe
+                     # torchvision's fine-tuning recipe
+                     pretrained=bool(args.weights or args.weights_backbone))
     model = build(spec, args.seed)
     try:  # torchvision's COCO weights keep their rows of the data's categories when the names agree
         if args.weights:
@@ -181,8 +183,8 @@ def cmd_train(args):
             print(models.load_backbone_weights(model, args.weights_backbone))
     except ValueError as e:
         fail(str(e))
-    metrics = engine.fit(model, spec, final, train_loader, val_loader, args.epochs * len(train_loader), device,
-                         args.seed, recipe(args, lr=args.lr), desc=args.model)
+    metrics = engine.fit(model, spec, final, train_loader, val_loader, args.epochs * len(train_loader),
+                         device, args.seed, recipe(args, lr=args.lr), desc=args.model)
     print(table({args.model: metrics}))
 
 
@@ -220,8 +222,9 @@ def coco_indexed(source, cats):
 
 
 def cmd_eval(args):
-    """COCOeval's 12-line summaries of a checkpoint on the val split (box, and mask for Mask R-CNN); with --out
-    the detections in COCO results format (original category ids); then single-image latency."""
+    """COCOeval's 12-line summaries of a checkpoint on the val split (box, and mask for Mask R-CNN);
+    with --out the detections in COCO results format (original category ids); then single-image
+    latency."""
     if engine.distributed():
         fail("eval runs in one process (it writes whole detection files and times single images): "
              "run it without torchrun")
@@ -234,7 +237,8 @@ def cmd_eval(args):
         ds = data.CocoDetection(root, "val", masks=False)
     except ValueError as e:
         fail(str(e))
-    val_loader = torch.utils.data.DataLoader(ds, args.batch, collate_fn=data.collate, num_workers=workers(args))
+    val_loader = torch.utils.data.DataLoader(ds, args.batch, collate_fn=data.collate,
+                                             num_workers=workers(args))
     if ds.category_ids != spec["category_ids"]:
         fail(f"{args.ckpt} was trained on categories {spec['category_ids']}, the data at {root} has "
              f"{ds.category_ids}: evaluate on data of the same categories")
@@ -287,26 +291,30 @@ def cmd_order_all(args):
     if not args.ckpt_student or not args.teachers:
         fail("order --all needs --ckpt-student and --teachers (checkpoints)")
     if len(args.teachers) > 4:
-        fail(f"order --all trains sum over l of n!/(n-l)! stages: give at most 4 teachers, not {len(args.teachers)}")
+        fail(f"order --all trains sum over l of n!/(n-l)! stages: "
+             f"give at most 4 teachers, not {len(args.teachers)}")
     device = args.dev
     student, sspec, _ = load(args.ckpt_student)
     loaded = {path: load(path) for path in args.teachers}  # (model, spec, metrics)
     check_labels([sspec["label"]] + [spec["label"] for _, spec, _ in loaded.values()])
     teachers = {spec["label"]: path for path, (_, spec, _) in loaded.items()}
     root = dataset_root(args)
-    train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
+    train_loader, val_loader = loaders(args, root, args.batch, args.seed,
+                                       masks=sspec["name"].startswith("maskrcnn"))
     check_classes(sspec, [spec for _, spec, _ in loaded.values()], train_loader.dataset.category_ids)
     check_writable(args.out)
+    rec = recipe(args, lr=args.lr, lam=args.lam, adapter=args.adapter)
+    # before the costs: a wrong --out fails fast
     reproduce.check_setup(args.out, args.ckpt_student, teachers, args.steps, args.lr, args.lam, args.seed,
-                          precision=args.precision)
+                          args.inherit, args.adapter, args.precision)
     models = {sspec["label"]: student, **{spec["label"]: m for m, spec, _ in loaded.values()}}
     cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False), args.images, device)
-    ap = {spec["label"]: met["AP"] if met.get("AP") is not None else evaluate(m, val_loader, args)["AP"]
-          for m, spec, met in loaded.values()}
+    ap = {spec["label"]: met["AP"] if met.get("AP") is not None else
+          engine.evaluate(m, val_loader, args.dev, args.precision)["AP"] for m, spec, met in loaded.values()}
     bgs = teacher_order(cost, sspec["label"], ap, len(teachers))
-    res = reproduce.every_order(args.ckpt_student, teachers, bgs, args.steps, args.out, train_loader, val_loader,
-                                engine.jsonl(os.path.join(args.out, "log.jsonl")), args.dev, args.seed,
-                                recipe(args, lr=args.lr, lam=args.lam))
+    res = reproduce.every_order(args.ckpt_student, teachers, bgs, args.steps, args.out, train_loader,
+                                val_loader, engine.jsonl(os.path.join(args.out, "log.jsonl")), args.dev,
+                                args.seed, rec, args.inherit)
     save_json(os.path.join(args.out, "all_orders.json"), res)
     for i, r in enumerate(res["rows"]):
         mark = "   <- BGS" if r["order"] == bgs else ""
@@ -317,20 +325,50 @@ def cmd_order_all(args):
 
 
 def cmd_distill(args):
-    device = args.dev
-    student, sspec, _ = load(args.student, device)
-    loaded = [(path, *load(path, device)) for path in args.teachers]
+    """Progressive distillation of a student checkpoint: BGS orders the teachers (or --keep-order), then one
+    stage per teacher (mtpd.progressive_distillation), each written to --out/stage<i>.pt; the student
+    without adapters is --out/student.pt."""
+    student, sspec, _ = load(args.student, args.dev)
+    loaded = [(path, *load(path, args.dev)) for path in args.teachers]
     check_labels([sspec["label"]] + [spec["label"] for _, _, spec, _ in loaded])
     teachers = {spec["label"]: (path, m, met, spec) for path, m, spec, met in loaded}
     root = dataset_root(args)
-    train_loader, val_loader = loaders(args, root, args.batch, args.seed, masks=sspec["name"].startswith("maskrcnn"))
+    train_loader, val_loader = loaders(args, root, args.batch, args.seed,
+                                       masks=sspec["name"].startswith("maskrcnn"))
     check_classes(sspec, [t[3] for t in teachers.values()], train_loader.dataset.category_ids)
     check_writable(args.out)
-    log = engine.jsonl(os.path.join(args.out, "log.jsonl"))
-    order_path = os.path.join(args.out, "order.json")
     if len(args.mechanism) > 1 and (not args.keep_order or len(args.mechanism) != len(teachers)):
         fail(f"--mechanism takes one mechanism, or one per stage with --keep-order ({len(teachers)} stages), "
              f"not {len(args.mechanism)}: BGS decides how many stages there are")
+    order, mech = distill_order(args, student, sspec, teachers, root, val_loader)
+    log = engine.jsonl(os.path.join(args.out, "log.jsonl"))
+    stage_recipe = recipe(args, lr=args.lr, lam=args.lam, adapter=args.adapter,
+                          published=args.published_weights)
+
+    def run_stage(model, teacher, i):
+        done = os.path.join(args.out, f"stage{i + 1}.pt")
+        if args.resume and os.path.isfile(done):  # finished before the interruption
+            ck = engine.read(done)
+            model.load_state_dict(ck["model"])
+            print(f"stage {i + 1} ({order[i]}): done earlier, AP {100 * ck['metrics']['AP']:.1f}")
+            return model, ck["metrics"]
+        metrics = engine.fit(model, sspec, done, train_loader, val_loader, args.steps, args.dev,
+                             args.seed + i, stage_recipe, [teacher], desc=f"stage {i + 1}", log=log,
+                             mechanism=mech[i], inherit_first=args.inherit and i == 0)
+        log({"event": "stage", "stage": i + 1, "teacher": order[i], **metrics})
+        print(f"stage {i + 1} ({order[i]}): AP {100 * metrics['AP']:.1f}")
+        return model, metrics
+
+    mtpd.progressive_distillation(student, [teachers[t][1] for t in order], run_stage)
+    save(os.path.join(args.out, "student.pt"), student.state_dict())
+    save_json(os.path.join(args.out, "student_spec.json"), sspec)
+
+
+def distill_order(args, student, sspec, teachers, root, val_loader):
+    """distill's teachers in order and each stage's mechanism: the order this --out already chose
+    (--resume), the given one (--keep-order) or BGS's over fresh adaptation costs; recorded in
+    --out/order.json with the settings a resumed run must share. -> (order, mechanisms)."""
+    order_path = os.path.join(args.out, "order.json")
     saved = {}
     if args.resume and os.path.isfile(order_path):  # the order this run already chose
         saved = json.load(open(order_path))
@@ -338,46 +376,30 @@ def cmd_distill(args):
     elif args.keep_order:
         order = list(teachers)
     else:
-        ap = {k: met.get("AP") if met.get("AP") is not None else evaluate(m, val_loader, args)["AP"]
+        ap = {k: (met.get("AP") if met.get("AP") is not None
+                  else engine.evaluate(m, val_loader, args.dev, args.precision)["AP"])
               for k, (_, m, met, _) in teachers.items()}
         cost = engine.cost_matrix({sspec["label"]: student, **{k: v[1] for k, v in teachers.items()}},
-                                  data.CocoDetection(root, "train", masks=False), args.images, device)
+                                  data.CocoDetection(root, "train", masks=False), args.images, args.dev)
         save_json(os.path.join(args.out, "cost.json"), {"cost": cost, "ap": ap})
         order = teacher_order(cost, sspec["label"], ap, args.k)
     if len(args.mechanism) not in (1, len(order)):
         fail(f"--mechanism takes one mechanism, or one per stage ({len(order)}), not {len(args.mechanism)}")
     mech = args.mechanism * len(order) if len(args.mechanism) == 1 else args.mechanism
-    chosen = {"mechanisms": mech, "published": args.published_weights, "lam": args.lam, "inherit": args.inherit,
-              "adapter": args.adapter, "steps": args.steps, "precision": args.precision}
+    chosen = {"mechanisms": mech, "published": args.published_weights, "lam": args.lam,
+              "inherit": args.inherit, "adapter": args.adapter, "steps": args.steps,
+              "precision": args.precision}
     if any(saved.get(k, v) != v for k, v in chosen.items()):
-        fail(f"{args.out} was started with other --mechanism / --published-weights / --lam / --inherit / --adapter "
-             "/ --steps / --precision: resume with the same")
+        fail(f"{args.out} was started with other --mechanism / --published-weights / --lam / --inherit "
+             "/ --adapter / --steps / --precision: resume with the same")
     print(f"order: {' -> '.join(f'{t} ({m})' for t, m in zip(order, mech))}")
     save_json(order_path, {"student": sspec["label"], "order": order, **chosen})
-
-    stage_recipe = recipe(args, lr=args.lr, lam=args.lam, adapter=args.adapter, published=args.published_weights)
-
-    def run_stage(model, stage_teachers, i):
-        done = os.path.join(args.out, f"stage{i + 1}.pt")
-        if args.resume and os.path.isfile(done):  # finished before the interruption
-            ck = engine.read(done)
-            model.load_state_dict(ck["model"])
-            print(f"stage {i + 1} ({order[i]}): done earlier, AP {100 * ck['metrics']['AP']:.1f}")
-            return ck["metrics"]
-        metrics = engine.fit(model, sspec, done, train_loader, val_loader, args.steps, device, args.seed + i,
-                             stage_recipe, stage_teachers, desc=f"stage {i + 1}", log=log, mechanism=mech[i],
-                             inherit_first=args.inherit and i == 0)
-        log({"event": "stage", "stage": i + 1, "teacher": order[i], **metrics})
-        print(f"stage {i + 1} ({order[i]}): AP {100 * metrics['AP']:.1f}")
-        return metrics
-
-    mtpd.progressive_distillation(student, [teachers[t][1] for t in order], run_stage)
-    save(os.path.join(args.out, "student.pt"), student.state_dict())
-    save_json(os.path.join(args.out, "student_spec.json"), sspec)
+    return order, mech
 
 
 def get_args_parser():
-    ap = argparse.ArgumentParser(description="Multi-Teacher Progressive Distillation for torchvision detectors")
+    ap = argparse.ArgumentParser(description="Multi-Teacher Progressive Distillation "
+                                             "for torchvision detectors")
     sub = ap.add_subparsers(dest="cmd")
 
     def parent():
@@ -387,7 +409,8 @@ def get_args_parser():
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     run.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are deterministic)")
     run.add_argument("--batch", type=int, default=8, help="images per batch (per process under torchrun)")
-    run.add_argument("--workers", type=int, default=-1, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
+    run.add_argument("--workers", type=int, default=-1,
+                     help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
     run.add_argument("--precision", default="auto", choices=engine.PRECISIONS,
                      help="auto (default): bf16 where the device computes it natively, fp16 + GradScaler "
                           "on a GPU without bf16, else float32; one line at start says which runs and why")
@@ -396,30 +419,34 @@ def get_args_parser():
                           "(L2, one image size, flip only); --no-cache runs the teacher at every step")
     run.add_argument("--cache-gib", type=float, default=RECIPE["cache_gib"],
                      help="memory for one teacher's cached features (default 2 GiB)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the backbones (slow start; failed on CUDA with torch 2.11, see DETAILS.md)")
     data_arg = parent()
     data_arg.add_argument("--data", help="COCO-format root (default: the built-in shapes benchmark)")
     training = parent()  # the commands that train
-    training.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
+    training.add_argument("--resume", action="store_true",
+                          help="continue an interrupted run in the same --out")
     training.add_argument("--ckpt-every", type=int, default=RECIPE["every"],
                           help="write the resume state every N iterations")
     lr = parent()
     lr.add_argument("--lr", type=float, default=RECIPE["lr"], help="AdamW learning rate")
     distilling = parent()  # the commands that distil a given student
-    distilling.add_argument("--steps", type=int, default=300, help="iterations per stage")
-    distilling.add_argument("--lam", type=float, default=RECIPE["lam"], help="weight of the feature loss")
+    distilling.add_argument("--steps", type=int, default=PRESETS["default"]["stage_steps"],
+                            help="iterations per stage (default: %(default)s, the default preset's)")
+    distilling.add_argument("--lam", type=float, default=METHOD["lam"],
+                            help="weight of the feature loss, a fraction of the teacher's feature variance "
+                                 "(mtpd.feature_loss; default: %(default)s)")
     distilling.add_argument("--images", type=int, default=64, help="training images for the adaptation costs")
 
-    def inherit_adapter(p, inherit=False):
-        p.add_argument("--inherit", action=argparse.BooleanOptionalAction, default=inherit,
-                       help="before stage 1, copy the first teacher's neck and head into the student (authors' "
-                            "code); --no-inherit starts from the student's own")
+    def inherit_adapter(p, method=True):  # method False: the preset's
+        p.add_argument("--inherit", action=argparse.BooleanOptionalAction,
+                       default=METHOD["inherit"] if method else None,
+                       help="before stage 1, copy the first teacher's neck and head into the student "
+                            "(authors' code); --no-inherit starts from the student's own "
+                            "(default: %(default)s)")
         p.add_argument("--adapter", choices=["auto", "conv", "lstsq"],
-                       default=None if inherit is None else RECIPE["adapter"],
+                       default=METHOD["adapter"] if method else None,
                        help="auto: identity where the widths match (§3.1); conv: always a learned 1x1 conv; "
                             "lstsq: a 1x1 conv that starts at the least-squares map the adaptation cost fits "
-                            "(not in the paper)")
+                            "(not in the paper; default: %(default)s)")
 
     p = sub.add_parser("train", parents=[run, data_arg, training, lr], help="train one detector from scratch")
     p.add_argument("--model", required=True, help=f"one of: {', '.join(ZOO)}")
@@ -433,14 +460,19 @@ def get_args_parser():
     p.add_argument("--anchor-base", type=int, default=0,
                    help="finest anchor size (default: 32 with --data or torchvision weights; min size / 8 "
                         "without --data)")
-    p.add_argument("--weights", help="torchvision weights name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1) or file")
-    p.add_argument("--weights-backbone", help="ImageNet weights name (e.g. ResNet50_Weights.IMAGENET1K_V1) or file")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (0: load and evaluate)")
+    p.add_argument("--weights",
+                   help="torchvision weights name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1) or file")
+    p.add_argument("--weights-backbone",
+                   help="ImageNet weights name (e.g. ResNet50_Weights.IMAGENET1K_V1) or file")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="passes over the training split (0: load and evaluate)")
     p.add_argument("--out", required=True, help="output folder (model.pt)")
-    p = sub.add_parser("eval", parents=[run, data_arg], help="COCOeval summaries, detection files and latency")
+    p = sub.add_parser("eval", parents=[run, data_arg],
+                       help="COCOeval summaries, detection files and latency")
     p.add_argument("--ckpt", required=True, help="checkpoint file")
     p.add_argument("--out", help="folder for detections_bbox.json (and _segm.json), COCO results format")
-    p = sub.add_parser("cost", parents=[run, data_arg], help="adaptation-cost matrix between checkpoints (§3.2)")
+    p = sub.add_parser("cost", parents=[run, data_arg],
+                       help="adaptation-cost matrix between checkpoints (§3.2)")
     p.add_argument("--ckpts", nargs="+", required=True, help="two or more checkpoints")
     p.add_argument("--images", type=int, default=64, help="training images used (half fit, half held out)")
     p.add_argument("--out", required=True, help="output JSON file")
@@ -448,16 +480,19 @@ def get_args_parser():
                        help="teacher order by Backward Greedy Selection (Alg. 1), or with --all every order")
     p.add_argument("--cost", help="cost JSON written by `cost`")
     p.add_argument("--student", help="the student's name in the cost file")
-    p.add_argument("--k", type=int, default=3, help="at most this many teachers")
+    p.add_argument("--k", type=int, default=METHOD["k"],
+                   help="at most this many teachers (default: %(default)s)")
     p.add_argument("--all", action="store_true", help="distil through every order of --teachers (Table 2)")
     p.add_argument("--ckpt-student", help="with --all: the student checkpoint")
     p.add_argument("--teachers", nargs="+", help="with --all: 2-4 teacher checkpoints")
     p.add_argument("--out", default="runs/orders", help="with --all: output folder")
+    inherit_adapter(p)
     p = sub.add_parser("distill", parents=[run, data_arg, training, lr, distilling],
                        help="progressive distillation of a student from teacher checkpoints")
     p.add_argument("--student", required=True, help="student checkpoint (the off-the-shelf student)")
     p.add_argument("--teachers", nargs="+", required=True, help="teacher checkpoints")
-    p.add_argument("--k", type=int, default=3, help="at most this many teachers")
+    p.add_argument("--k", type=int, default=METHOD["k"],
+                   help="at most this many teachers (default: %(default)s)")
     p.add_argument("--keep-order", action="store_true", help="use the teachers in the given order, no BGS")
     p.add_argument("--mechanism", nargs="+", default=["l2"], choices=mechanisms.NAMES,
                    help="the feature loss of every stage, or one per stage, e.g. cwd cwd pkd (§3.4)")
@@ -468,16 +503,18 @@ def get_args_parser():
                        help="the whole method and its baselines on the built-in benchmark")
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="size of the run")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
-    p.add_argument("--all-orders", action="store_true", help="also distil through every order of BGS's teachers")
+    p.add_argument("--all-orders", action="store_true",
+                   help="also distil through every order of BGS's teachers")
     p.add_argument("--mechanism", nargs="+", default=["l2"], choices=list(mechanisms.NAMES) + ["all"],
                    help="also run direct and MTPD with these mechanisms in place of the L2 (Fig. 4)")
     p.add_argument("--published-weights", action="store_true", help="the mechanisms' published loss weights")
-    p.add_argument("--seeds", type=int, nargs="+", help="run every row for each seed (the pool is trained once); "
-                   "results.json and report.md give the mean and spread")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="run every row for each seed (the pool is trained once); "
+                        "results.json and report.md give the mean and spread")
     p.add_argument("--lam", type=float, help="weight of the feature loss (default: the preset's)")
     p.add_argument("--stage-steps", type=int, help="iterations per stage; every row trains k times as many "
                    "(default: the preset's; the paper's protocol: the OTS student's, --stage-steps 800)")
-    inherit_adapter(p, inherit=None)  # None: the preset's
+    inherit_adapter(p, method=False)
     return ap
 
 
