@@ -37,7 +37,7 @@ from report import table
 # stage 1 (the authors' code). k: at most this many teachers (BGS, Alg. 1). adapter: 'auto' (identity where
 # the widths match, §3.1), 'conv' (a learned 1x1 conv) or 'lstsq' (a 1x1 conv started at the least-squares
 # map the adaptation cost fits; not in the paper). The default preset's values (RESULTS.md).
-METHOD = dict(lam=3.0, inherit=True, k=2, adapter="auto")
+DISTILL = dict(lam=3.0, inherit=True, k=2, adapter="auto")
 
 # Every stage gets a fresh AdamW and LR schedule (§3.2): linear warm-up, constant, x `drop` from `drop_at`
 # of the iterations on (from scratch, decaying early hurts), gradients clipped at the official recipe's
@@ -45,7 +45,7 @@ METHOD = dict(lam=3.0, inherit=True, k=2, adapter="auto")
 # resume: how it runs (engine.train_loop); the command line sets them (--precision auto resolves to what
 # the device computes natively: engine.choose_precision), and --lr, --lam, --adapter override the rest.
 RECIPE = dict(lr=3e-4, weight_decay=1e-4, warmup=50, drop_at=0.85, drop=0.1, clip=35.0,
-              lam=METHOD["lam"], adapter=METHOD["adapter"], adapter_images=64, published=False,
+              lam=DISTILL["lam"], adapter=DISTILL["adapter"], adapter_images=64, published=False,
               precision="fp32", fused=True, cache=True, cache_gib=2.0, every=100, resume=False)
 
 
@@ -55,7 +55,7 @@ def model(label, name, scale, steps=None, **build):
 
 
 SMALL = dict(fpn_channels=128, head_convs=2)  # a light RetinaNet: at 128 px its head dominates the step
-# A preset is METHOD plus the run's size (train.py reproduce --preset; RESULTS.md has what each took).
+# A preset is DISTILL plus the run's size (train.py reproduce --preset; RESULTS.md has what each took).
 PRESETS = {
     # every step of the reproduction in about a minute on 2 CPU cores, at lam 1 (its first setting: the
     # tests compare its numbers across changes)
@@ -91,7 +91,7 @@ PRESETS = {
 PRESETS["converged"] = dict(PRESETS["default"], student_steps=5000, stage_steps=2500,
                             pool=[dict(m, steps=1000) if m["label"] == "r50@1x" else m
                                   for m in PRESETS["default"]["pool"]])
-PRESETS = {name: {**METHOD, **p} for name, p in PRESETS.items()}
+PRESETS = {name: {**DISTILL, **p} for name, p in PRESETS.items()}
 
 
 fail = engine.fail  # raises engine.InputError; main() prints it as one line and exits with code 2
@@ -431,19 +431,19 @@ def get_args_parser():
     distilling = parent()  # the commands that distil a given student
     distilling.add_argument("--steps", type=int, default=PRESETS["default"]["stage_steps"],
                             help="iterations per stage (default: %(default)s, the default preset's)")
-    distilling.add_argument("--lam", type=float, default=METHOD["lam"],
+    distilling.add_argument("--lam", type=float, default=DISTILL["lam"],
                             help="weight of the feature loss, a fraction of the teacher's feature variance "
                                  "(mtpd.feature_loss; default: %(default)s)")
     distilling.add_argument("--images", type=int, default=64, help="training images for the adaptation costs")
 
     def inherit_adapter(p, method=True):  # method False: the preset's
         p.add_argument("--inherit", action=argparse.BooleanOptionalAction,
-                       default=METHOD["inherit"] if method else None,
+                       default=DISTILL["inherit"] if method else None,
                        help="before stage 1, copy the first teacher's neck and head into the student "
                             "(authors' code); --no-inherit starts from the student's own "
                             "(default: %(default)s)")
         p.add_argument("--adapter", choices=["auto", "conv", "lstsq"],
-                       default=METHOD["adapter"] if method else None,
+                       default=DISTILL["adapter"] if method else None,
                        help="auto: identity where the widths match (§3.1); conv: always a learned 1x1 conv; "
                             "lstsq: a 1x1 conv that starts at the least-squares map the adaptation cost fits "
                             "(not in the paper; default: %(default)s)")
@@ -480,7 +480,7 @@ def get_args_parser():
                        help="teacher order by Backward Greedy Selection (Alg. 1), or with --all every order")
     p.add_argument("--cost", help="cost JSON written by `cost`")
     p.add_argument("--student", help="the student's name in the cost file")
-    p.add_argument("--k", type=int, default=METHOD["k"],
+    p.add_argument("--k", type=int, default=DISTILL["k"],
                    help="at most this many teachers (default: %(default)s)")
     p.add_argument("--all", action="store_true", help="distil through every order of --teachers (Table 2)")
     p.add_argument("--ckpt-student", help="with --all: the student checkpoint")
@@ -491,7 +491,7 @@ def get_args_parser():
                        help="progressive distillation of a student from teacher checkpoints")
     p.add_argument("--student", required=True, help="student checkpoint (the off-the-shelf student)")
     p.add_argument("--teachers", nargs="+", required=True, help="teacher checkpoints")
-    p.add_argument("--k", type=int, default=METHOD["k"],
+    p.add_argument("--k", type=int, default=DISTILL["k"],
                    help="at most this many teachers (default: %(default)s)")
     p.add_argument("--keep-order", action="store_true", help="use the teachers in the given order, no BGS")
     p.add_argument("--mechanism", nargs="+", default=["l2"], choices=mechanisms.NAMES,
