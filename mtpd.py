@@ -8,6 +8,7 @@
     4. adaptation cost   d(A -> B): held-out error of the best linear 1x1 map A -> B      (§3.2)
                          (that map can also start a stage's adapter: ours, not the paper's)
     5. BGS               Backward Greedy Selection of the teacher order                   (§3.2, Alg. 1)
+                         (and a forward-greedy order to compare it with: not the paper's)
     6. the schedule      one stage per teacher, fresh adapter and optimiser per stage     (§3.2)
 
 It imports torch only: copy this file next to your own detector. Anything detector-specific (how to run a
@@ -507,6 +508,27 @@ def backward_greedy_selection(cost, student, teacher_ap, k):
         order.insert(0, bridge)
         remaining.remove(bridge)
     return order
+
+
+def forward_greedy_selection(cost, student, teacher_ap, k):
+    """The forward counterpart of BGS (a later paper, TGRD, plans its teacher sequence forwards; not MTPD's):
+    from the student, repeatedly take the cheapest next teacher, the one with the smallest d(current -> t)
+    among the remaining teachers stronger than the current one (the student counts as weaker than every
+    teacher), until the best teacher is taken or one place of k is left, which then goes to the best
+    teacher. Like BGS the order ends with the best teacher; unlike BGS it starts near the student, so it
+    never stops early. Returns the order, first stage first. cost, student, teacher_ap, k: as BGS's."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    best = max(teacher_ap, key=lambda t: (teacher_ap[t], t))
+    order, current = [], student
+    while len(order) < k - 1:
+        stronger = sorted(t for t in teacher_ap if t not in order and
+                          (current == student or teacher_ap[t] > teacher_ap[current]))
+        current = min(stronger, key=lambda t: cost[current][t])
+        order.append(current)
+        if current == best:
+            return order
+    return order + [best]
 
 
 # ---------------------------------------------------------------------------------------------------------

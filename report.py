@@ -18,8 +18,9 @@ COLS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 def table(rows):
     """A console table of {run: metrics}, AP columns in percent (COCOeval's -1: no object of that size)."""
-    lines = [f"{'run':12s}" + "".join(f"{c:>7s}" for c in COLS)]
-    lines += [f"{name:12s}" + "".join(f"{pct(m[c]):>7s}" for c in COLS) for name, m in rows.items()]
+    w = max([12, *(len(name) + 1 for name in rows)])
+    lines = [f"{'run':{w}s}" + "".join(f"{c:>7s}" for c in COLS)]
+    lines += [f"{name:{w}s}" + "".join(f"{pct(m[c]):>7s}" for c in COLS) for name, m in rows.items()]
     return "\n".join(lines)
 
 
@@ -134,6 +135,32 @@ def fig_landscape(plt, path, lands):
     return save(plt, fig, path)
 
 
+def fig_premise(plt, path, premise, long_ap):
+    """Fig. 1: the directly distilled student's AP against its teacher's AP and against d(ots -> teacher),
+    one point per teacher of the pool; `long` (the same budget, no teacher) as a line."""
+    if plt is None:
+        return "(the table above: matplotlib is not installed)"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, x, label in ((axes[0], "teacher_AP", "teacher AP"), (axes[1], "cost", "d(ots → teacher)")):
+        for t, r in premise.items():
+            xv = 100 * r[x] if x == "teacher_AP" else r[x]
+            ax.plot(xv, 100 * r["AP"], "o", color="C0" if r.get("kept", True) else "grey")
+            ax.annotate(t, (xv, 100 * r["AP"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(100 * long_ap, ls=":", color="grey", label="long (no teacher)")
+        ax.set(xlabel=label, ylabel="distilled student's AP")
+        ax.legend(fontsize=8)
+    axes[0].set_title("does the student track the teacher's strength?")
+    axes[1].set_title("... or its distance?")
+    return save(plt, fig, path)
+
+
+def premise_rows(premise, long_ap):
+    """[teacher, teacher AP, d(ots -> teacher), distilled AP, distilled - long], strongest teacher first."""
+    return [[t + ("" if r.get("kept", True) else " (dropped)"), pct(r["teacher_AP"]), f"{r['cost']:.3f}",
+             pct(r["AP"]), f"{100 * (r['AP'] - long_ap):+.1f}"]
+            for t, r in sorted(premise.items(), key=lambda kv: -kv[1]["teacher_AP"])]
+
+
 def ratio_rows(results):
     """[run, start, end] of distill / detection loss for every distilled run of a reproduce result."""
     named = [(k, results["runs"][k]) for k in ("direct", "ensemble") if k in results["runs"]] + [
@@ -166,6 +193,12 @@ def summary(results):
     for k, fl in an.get("flatness", {}).items():
         lines.append(f"{k}: detection loss {an['landscape'][k]['loss0']:.3f}, mean rise "
                      + ", ".join(f"{v:.3f} at r={r}" for r, v in fl.items()))
+    if "premise" in results:
+        lines += ["", "direct distillation from each teacher (Fig. 1): teacher AP, d(ots -> teacher), AP, "
+                  "AP - long"] + ["  ".join(f"{c:>12s}" for c in r) for r in premise_rows(
+                      results["premise"], runs["long"]["AP"])]
+        lines.append(f"orders: BGS {' -> '.join(results['orders']['bgs'])}, forward greedy "
+                     f"{' -> '.join(results['orders']['forward'])}")
     if "all_orders" in results:
         ao = results["all_orders"]
         lines.append(f"all orders: BGS's ranks {ao['bgs_rank']} of {len(ao['rows'])}")
@@ -176,7 +209,7 @@ def summary(results):
 # Several seeds: per-seed rows, mean and spread, and the gaps that Table 3 is about.
 # ---------------------------------------------------------------------------------------------------------
 GAPS = [("direct", "long"), ("mtpd", "direct"), ("mtpd", "long"), ("mtpd", "long_restart"),
-        ("mtpd", "ensemble")]
+        ("mtpd", "ensemble"), ("mtpd", "direct_bridge"), ("mtpd", "mtpd_forward")]
 
 
 def mean_std(xs):
@@ -203,12 +236,23 @@ def aggregate(preset, per):
             f"rows trained for different budgets ({budgets}): their mean mixes budgets")
     per_seed = {str(s): {"order": per[s]["order"], "runs": per[s]["runs"],
                          "dropped": per[s].get("dropped", {})} for s in seeds}
-    return {"preset": preset, "seeds": seeds, "note": note, "per_seed": per_seed,
+    for s in seeds:  # the capacity-gap study's rows and orders, where it ran
+        per_seed[str(s)].update({k: per[s][k] for k in ("premise", "orders", "cost") if k in per[s]})
+    out = {"preset": preset, "seeds": seeds, "note": note, "per_seed": per_seed,
             "teachers": per[seeds[0]]["teachers"], "recipe": per[seeds[0]].get("recipe", {}),
             "budget_steps": budgets,
             "mean": {r: {c: v[0] for c, v in cs.items()} for r, cs in stat.items()},
             "std": {r: {c: v[1] for c, v in cs.items()} for r, cs in stat.items()},
             "gaps": {g: {c: {"mean": v[0], "std": v[1]} for c, v in cs.items()} for g, cs in gaps.items()}}
+    if all("premise" in per[s] for s in seeds):  # Fig. 1 over seeds: one shared pool, each seed's student
+        def over(t, f):
+            return mean_std([f(per[s]["premise"][t], per[s]["runs"]) for s in seeds])
+
+        out["premise"] = {t: {"teacher_AP": r["teacher_AP"], "AP": over(t, lambda x, _: x["AP"]),
+                              "cost": over(t, lambda x, _: x["cost"]),
+                              "minus_long": over(t, lambda x, runs: x["AP"] - runs["long"]["AP"])}
+                          for t, r in per[seeds[0]]["premise"].items()}
+    return out
 
 
 def pm(mean, std, sign=""):
@@ -235,6 +279,10 @@ def write_seeds_report(out, results):
     """out/report.md for several seeds: mean ± std, the gaps, per-seed rows; each seed's own report in
     out/seed<s>/report.md. Returns the report's path."""
     seeds = results["seeds"]
+
+    def ap(seed, row):
+        return results["per_seed"][str(seed)]["runs"][row]["AP"]
+
     parts = [f"# mtpd report: preset `{results['preset']}`, seeds {', '.join(map(str, seeds))}",
              f"This invocation took {results.get('wall_minutes', 0):.1f} min. Each seed's own report, "
              "with its cost matrix, stages and analyses, is in `seed<s>/report.md`. The teacher pool is "
@@ -249,8 +297,24 @@ def write_seeds_report(out, results):
              md_table(["run"] + [f"seed {s}" for s in seeds],
                       [[r] + [pct(results["per_seed"][str(s)]["runs"][r]["AP"]) for s in seeds]
                        for r in results["mean"]]),
+             "## Per seed (AP points): the gaps",
+             md_table(["gap"] + [f"seed {s}" for s in seeds],
+                      [[f"{a} − {b}"] + [f"{100 * (ap(s, a) - ap(s, b)):+.1f}" for s in seeds]
+                       for a, b in GAPS if a in results["mean"] and b in results["mean"]]),
              "Orders: " + "; ".join(f"seed {s}: {' → '.join(r['order'])}"
                                     for s, r in results["per_seed"].items()) + "."]
+    if "premise" in results:
+        pr = results["premise"]
+        parts += ["## Direct distillation from each teacher (Fig. 1), mean ± std over seeds",
+                  md_table(["teacher", "teacher AP", "d(ots → teacher)", "distilled AP", "− long"]
+                           + [f"seed {s}" for s in seeds],
+                           [[t, pct(r["teacher_AP"]), f"{r['cost'][0]:.3f} ± {r['cost'][1]:.3f}",
+                             pm(*r["AP"]), pm(*r["minus_long"], "+")]
+                            + [pct(results["per_seed"][str(s)]["premise"][t]["AP"]) for s in seeds]
+                            for t, r in sorted(pr.items(), key=lambda kv: -kv[1]["teacher_AP"])]),
+                  "Forward-greedy orders: " + "; ".join(
+                      f"seed {s}: {' → '.join(r['orders']['forward'])}"
+                      for s, r in results["per_seed"].items()) + "."]
     parts += [f"**Note:** {results['note']}."] if results.get("note") else []
     path = os.path.join(out, "report.md")
     atomic_write(path, lambda f: f.write("\n\n".join(parts) + "\n"))
@@ -305,6 +369,19 @@ def write_report(out, results, plt="auto"):
                            [[k, f"{an['landscape'][k]['loss0']:.3f}"] + [f"{v:.3f}" for v in fl[k].values()]
                             for k in fl]),
                   fig_landscape(plt, os.path.join(figs, "landscape.png"), an["landscape"])]
+    if "premise" in results:
+        long_ap, orders = runs["long"]["AP"], results["orders"]
+        parts += ["## Direct distillation from each teacher (Fig. 1: the capacity gap)",
+                  "The OTS student distilled directly from each teacher of the pool, at the rows' budget "
+                  "and with the `direct` row's seed and batches. The premise of MTPD holds where the "
+                  "distilled student stops tracking its teacher's strength: a stronger but farther teacher "
+                  "gives no better student.",
+                  md_table(["teacher", "teacher AP", "d(ots → teacher)", "distilled AP", "− long"],
+                           premise_rows(results["premise"], long_ap)),
+                  fig_premise(plt, os.path.join(figs, "premise.png"), results["premise"], long_ap),
+                  f"Orders: BGS **{' → '.join(orders['bgs'])}** (`mtpd`); forward greedy "
+                  f"**{' → '.join(orders['forward'])}** (`mtpd_forward`); `direct_bridge` distils from "
+                  f"{orders['bgs'][0]} alone."]
     if "all_orders" in results:
         ao = results["all_orders"]
         parts += ["## All orders (Table 2)",

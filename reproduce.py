@@ -60,11 +60,15 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     snaps = {i * S: ckpt(run, f"long@{i * S}") for i in range(1, k)}
     long_k = ready(run, "long", s, k * S, init=ckpt(run, "ots"), snapshots=snaps, fixed_seed=run.same)
     kept, dropped = strong_teachers(pool, long_k, p.get("margin"))
-    # 2. adaptation costs and BGS
-    cost, order = costs_and_order(run, root, ots, kept)
+    # 2. adaptation costs (of every model of the pool) and BGS (over the kept teachers)
+    cost, order = costs_and_order(run, root, ots, pool, kept)
     # 3. MTPD and the baselines, all at a budget of len(order) stages
-    teacher = {lab: ckpt(run, lab, pool_out) for lab in kept}
+    teacher = {lab: ckpt(run, lab, pool_out) for lab in pool}
     runs, stages, last = baselines_and_mtpd(run, ots, long_k, order, teacher)
+    # 3b. the capacity-gap study (opt-in, preset key `premise`): direct distillation from every teacher of
+    # the pool (Fig. 1: does the distilled student track the teacher's strength?), and the orders compared
+    if p.get("premise"):
+        premise, orders = premise_and_orders(run, cost, order, pool, kept, teacher, runs)
     model, spec, _ = load(last)
     save(os.path.join(out, "student.pt"), model.state_dict())  # plain state_dict, no adapters
     save_json(os.path.join(out, "student_spec.json"), spec)
@@ -76,6 +80,8 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     mechs = mechanism_rows(run, order, teacher, runs, mechanism)
     if len(mechs) > 1:
         results["mechanisms"], results["published_weights"] = mechs, recipe["published"]
+    if p.get("premise"):
+        results["premise"], results["orders"] = premise, orders
     # 5. §3.5 for the longer-trained and the MTPD student: loss vs AP at each stage boundary, flatness
     results["analysis"] = generalization(run, root, spec, ots, runs, stages, snaps, last, len(order))
     # 6. Table 2 (opt-in: n! orders)
@@ -173,18 +179,18 @@ def strong_teachers(pool, long_k, margin):
     return kept, dropped
 
 
-def costs_and_order(run, root, ots, kept):
-    """§3.2: the adaptation-cost matrix of the OTS student and the kept teachers (cached in cost.json while
-    the models are the same), and the BGS order (Alg. 1, at most k teachers)."""
+def costs_and_order(run, root, ots, pool, kept):
+    """§3.2: the adaptation-cost matrix of the OTS student and every teacher of the pool (cached in
+    cost.json while the models are the same), and the BGS order of the kept teachers (Alg. 1, at most k)."""
     cost_path = os.path.join(run.out, "cost.json")
     cost = json.load(open(cost_path))["cost"] if os.path.isfile(cost_path) else None
-    if cost is None or set(cost) != {"ots", *kept}:
+    if cost is None or set(cost) != {"ots", *pool}:
         models = {"ots": load(ckpt(run, "ots"))[0],
-                  **{lab: load(ckpt(run, lab, run.pool_out))[0] for lab in kept}}
+                  **{lab: load(ckpt(run, lab, run.pool_out))[0] for lab in pool}}
         cost = engine.cost_matrix(models, data.CocoDetection(root, "train", masks=False),
                                   run.p["cost_images"], run.device)
         save_json(cost_path, {"cost": cost,
-                              "ap": {"ots": ots["AP"], **{k: v["AP"] for k, v in kept.items()}}})
+                              "ap": {"ots": ots["AP"], **{k: v["AP"] for k, v in pool.items()}}})
     order = teacher_order(cost, "ots", {k: v["AP"] for k, v in kept.items()}, run.p["k"])
     save_json(os.path.join(run.out, "order.json"), {"student": "ots", "order": order})
     print(f"BGS order: {' -> '.join(order)}")
@@ -222,6 +228,28 @@ def baselines_and_mtpd(run, ots, long_k, order, teacher):
     last, metrics = progressive(run, "mtpd", order, teacher)
     runs["mtpd"] = metrics[-1]
     return runs, [{"teacher": t, **m} for t, m in zip(order, metrics)], last
+
+
+def premise_and_orders(run, cost, order, pool, kept, teacher, runs):
+    """The capacity-gap study. Fig. 1 of the paper: the OTS student distilled directly from each teacher of
+    the pool (kept or not) at the rows' budget, with the `direct` row's seed and batches, against the
+    teacher's AP and d(ots -> teacher): the premise holds where the distilled student stops tracking the
+    teacher's strength. Adds two rows to `runs`: `direct_bridge` (direct from BGS's first teacher; `direct`
+    when BGS chose one teacher) and `mtpd_forward` (MTPD through mtpd.forward_greedy_selection's order;
+    `mtpd` when the two orders agree). -> (premise {teacher: {teacher_AP, cost, AP...}}, the orders)."""
+    budget = run.p["stage_steps"] * len(order)
+    premise = {}
+    for t in pool:
+        m = runs["direct"] if t == order[-1] else ready(
+            run, f"direct_{t}", run.p["student"], budget, init=ckpt(run, "ots"), teachers=[teacher[t]],
+            fixed_seed=run.same, inherit_first=run.inherit)
+        premise[t] = {"teacher_AP": pool[t]["AP"], "cost": cost["ots"][t], "kept": t in kept, **m}
+    runs["direct_bridge"] = premise[order[0]]
+    forward = mtpd.forward_greedy_selection(cost, "ots", {k: v["AP"] for k, v in kept.items()}, run.p["k"])
+    print(f"forward-greedy order: {' -> '.join(forward)}")
+    runs["mtpd_forward"] = runs["mtpd"] if forward == order else progressive(
+        run, "mtpd_forward", forward, teacher)[1][-1]
+    return premise, {"bgs": order, "forward": forward}
 
 
 def mechanism_rows(run, order, teacher, runs, mechanism):

@@ -475,6 +475,30 @@ def test_bgs_picks_cheapest_bridge_not_best_ap():
     assert order == ["T1", "T3"]
 
 
+def test_forward_greedy_takes_the_cheapest_stronger_next_teacher_and_ends_with_the_best():
+    # from S the cheapest is T1 (0.5); from T1, T2 (0.3) beats T3 (0.6); the last place goes to T3
+    assert mtpd.forward_greedy_selection(COST, "S", AP, k=3) == ["T1", "T2", "T3"]
+    assert mtpd.forward_greedy_selection(COST, "S", AP, k=2) == ["T1", "T3"]  # one place left: the best
+    assert mtpd.forward_greedy_selection(COST, "S", AP, k=1) == ["T3"]
+    cost = json.loads(json.dumps(COST))
+    cost["S"]["T2"] = 0.2  # S -> T2 is cheapest; from T2 only T3 is stronger (T2 -> T1 = 0.2 is not taken)
+    assert mtpd.forward_greedy_selection(cost, "S", AP, k=3) == ["T2", "T3"]
+    cost["S"]["T3"] = 0.1  # the best teacher is the cheapest first step: nothing before it
+    assert mtpd.forward_greedy_selection(cost, "S", AP, k=3) == ["T3"]
+    with pytest.raises(ValueError):
+        mtpd.forward_greedy_selection(COST, "S", AP, k=0)
+
+
+def test_forward_and_backward_greedy_differ_where_the_cheapest_first_step_is_a_dead_end():
+    # T1 is nearest the student but far from T3; T2 is the bridge into T3: BGS builds T2 -> T3 backwards,
+    # the forward planner walks S -> T1 first
+    cost = json.loads(json.dumps(COST))
+    cost["S"].update(T1=0.2, T2=0.7, T3=0.9)
+    cost["T1"]["T3"], cost["T2"]["T3"] = 0.8, 0.1
+    assert mtpd.backward_greedy_selection(cost, "S", AP, k=2) == ["T2", "T3"]
+    assert mtpd.forward_greedy_selection(cost, "S", AP, k=2) == ["T1", "T3"]
+
+
 def test_progressive_schedule_runs_each_teacher_in_order_from_the_previous_stages_student():
     calls = []
 
@@ -693,6 +717,8 @@ def test_reproduce_tiny_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_reproduce_several_seeds_share_the_pool_and_give_mean_and_spread(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the built-in data is written under the working directory
+    # with the capacity-gap study's rows (the `gap` preset's `premise`): direct from every teacher, orders
+    monkeypatch.setitem(train.PRESETS, "tiny", dict(train.PRESETS["tiny"], premise=True))
     out = tmp_path / "run"
     train.main(["--preset", "tiny", "--out", str(out), "--seeds", "0", "1"])  # no subcommand: reproduce
     res = json.load(open(out / "results.json"))
@@ -710,9 +736,26 @@ def test_reproduce_several_seeds_share_the_pool_and_give_mean_and_spread(tmp_pat
     gap = [runs[s]["mtpd"]["AP"] - runs[s]["direct"]["AP"] for s in ("0", "1")]
     assert abs(res["gaps"]["mtpd - direct"]["AP"]["mean"] - sum(gap) / 2) < 1e-9
     assert set(res["gaps"]) == {"direct - long", "mtpd - direct", "mtpd - long", "mtpd - long_restart",
-                                "mtpd - ensemble"}
+                                "mtpd - ensemble", "mtpd - direct_bridge", "mtpd - mtpd_forward"}
     text = open(out / "report.md").read()
     assert "## Mean ± std over seeds" in text and "## Gaps" in text
+    # Fig. 1: every teacher of the pool distilled directly, the final teacher's row being `direct` itself
+    for s in ("0", "1"):
+        one = json.load(open(out / f"seed{s}" / "results.json"))
+        prem, order = one["premise"], one["order"]
+        assert sorted(prem) == sorted(pool)
+        assert prem[order[-1]]["AP"] == one["runs"]["direct"]["AP"]
+        assert one["runs"]["direct_bridge"] == prem[order[0]]
+        assert all(prem[t]["cost"] == one["cost"]["ots"][t] and 0 <= prem[t]["AP"] <= 1 for t in pool)
+        others = [t for t in pool if t != order[-1]]  # trained with the direct row's budget and seed
+        assert all((out / f"seed{s}" / "ckpt" / f"direct_{t}.pt").is_file() for t in others)
+        forward = one["orders"]["forward"]
+        assert one["orders"]["bgs"] == order and forward[-1] == order[-1]
+        assert (one["runs"]["mtpd_forward"] == one["runs"]["mtpd"]) == (forward == order)
+    t = pool[0]
+    both = [res["per_seed"][s]["premise"][t]["AP"] for s in ("0", "1")]
+    assert abs(res["premise"][t]["AP"][0] - sum(both) / 2) < 1e-9
+    assert "## Direct distillation from each teacher" in text and "## Per seed (AP points): the gaps" in text
 
 
 @pytest.mark.slow
