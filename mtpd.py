@@ -522,8 +522,8 @@ def forward_greedy_selection(cost, student, teacher_ap, k):
     best = max(teacher_ap, key=lambda t: (teacher_ap[t], t))
     order, current = [], student
     while len(order) < k - 1:
-        stronger = sorted(t for t in teacher_ap if t not in order and
-                          (current == student or teacher_ap[t] > teacher_ap[current]))
+        stronger = sorted(t for t in teacher_ap if t not in order and  # the best is always ahead (ties)
+                          (current == student or t == best or teacher_ap[t] > teacher_ap[current]))
         current = min(stronger, key=lambda t: cost[current][t])
         order.append(current)
         if current == best:

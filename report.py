@@ -161,6 +161,14 @@ def premise_rows(premise, long_ap):
             for t, r in sorted(premise.items(), key=lambda kv: -kv[1]["teacher_AP"])]
 
 
+def other_length(orders):
+    """A sentence when the forward-greedy order has another length than BGS's (another budget), else ''."""
+    if len(orders["forward"]) == len(orders["bgs"]):
+        return ""
+    return (f" `mtpd_forward` trained {orders['budget_steps']['forward']} iterations: its order has another "
+            "length than BGS's.")
+
+
 def ratio_rows(results):
     """[run, start, end] of distill / detection loss for every distilled run of a reproduce result."""
     named = [(k, results["runs"][k]) for k in ("direct", "ensemble") if k in results["runs"]] + [
@@ -222,7 +230,8 @@ def aggregate(preset, per):
     """{seed: one-seed results} -> the multi-seed results: per-seed orders and rows, the mean and std of
     every row and column, and of the gaps a - b (AP points x 0.01, like the rows)."""
     seeds = list(per)
-    rows = list(per[seeds[0]]["runs"])
+    rows = [r for r in per[seeds[0]]["runs"] if all(r in per[s]["runs"] for s in seeds)]
+
     def col(r, c):  # COCOeval's -1 (no object of that size) stays -1: no mean of it
         xs = [per[s]["runs"][r][c] for s in seeds]
         return xs if min(xs) >= 0 else None
@@ -232,25 +241,32 @@ def aggregate(preset, per):
                            if col(a, c) and col(b, c) else (None, None) for c in COLS}
             for a, b in GAPS if a in stat and b in stat}
     budgets = {str(s): per[s]["budget_steps"] for s in seeds}
-    note = ("" if len(set(budgets.values())) == 1 else "BGS chose orders of different lengths, so the seeds' "
-            f"rows trained for different budgets ({budgets}): their mean mixes budgets")
+    notes = [] if len(set(budgets.values())) == 1 else [
+        "BGS chose orders of different lengths, so the seeds' rows trained for different budgets "
+        f"({budgets}): their mean mixes budgets"]
+    if len({tuple(per[s]["order"]) for s in seeds}) > 1:
+        notes.append("BGS chose different orders on different seeds, so `mtpd` and `direct_bridge` (where "
+                     "run) average over different teachers; the per-seed orders are listed")
+    missing = [r for r in per[seeds[0]]["runs"] if r not in rows]
+    notes += [f"rows not run on every seed, left out of the mean: {', '.join(missing)}"] if missing else []
     per_seed = {str(s): {"order": per[s]["order"], "runs": per[s]["runs"],
                          "dropped": per[s].get("dropped", {})} for s in seeds}
     for s in seeds:  # the capacity-gap study's rows and orders, where it ran
-        per_seed[str(s)].update({k: per[s][k] for k in ("premise", "orders", "cost") if k in per[s]})
-    out = {"preset": preset, "seeds": seeds, "note": note, "per_seed": per_seed,
-            "teachers": per[seeds[0]]["teachers"], "recipe": per[seeds[0]].get("recipe", {}),
-            "budget_steps": budgets,
-            "mean": {r: {c: v[0] for c, v in cs.items()} for r, cs in stat.items()},
-            "std": {r: {c: v[1] for c, v in cs.items()} for r, cs in stat.items()},
-            "gaps": {g: {c: {"mean": v[0], "std": v[1]} for c, v in cs.items()} for g, cs in gaps.items()}}
+        per_seed[str(s)].update({k: per[s][k] for k in ("premise", "orders") if k in per[s]})
+    out = {"preset": preset, "seeds": seeds, "note": "; ".join(notes), "per_seed": per_seed,
+           "teachers": per[seeds[0]]["teachers"], "recipe": per[seeds[0]].get("recipe", {}),
+           "budget_steps": budgets,
+           "mean": {r: {c: v[0] for c, v in cs.items()} for r, cs in stat.items()},
+           "std": {r: {c: v[1] for c, v in cs.items()} for r, cs in stat.items()},
+           "gaps": {g: {c: {"mean": v[0], "std": v[1]} for c, v in cs.items()} for g, cs in gaps.items()}}
     if all("premise" in per[s] for s in seeds):  # Fig. 1 over seeds: one shared pool, each seed's student
         def over(t, f):
             return mean_std([f(per[s]["premise"][t], per[s]["runs"]) for s in seeds])
 
         out["premise"] = {t: {"teacher_AP": r["teacher_AP"], "AP": over(t, lambda x, _: x["AP"]),
                               "cost": over(t, lambda x, _: x["cost"]),
-                              "minus_long": over(t, lambda x, runs: x["AP"] - runs["long"]["AP"])}
+                              "minus_long": over(t, lambda x, runs: x["AP"] - runs["long"]["AP"]),
+                              "kept_on_seeds": sum(per[s]["premise"][t]["kept"] for s in seeds)}
                           for t, r in per[seeds[0]]["premise"].items()}
     return out
 
@@ -308,7 +324,9 @@ def write_seeds_report(out, results):
         parts += ["## Direct distillation from each teacher (Fig. 1), mean ± std over seeds",
                   md_table(["teacher", "teacher AP", "d(ots → teacher)", "distilled AP", "− long"]
                            + [f"seed {s}" for s in seeds],
-                           [[t, pct(r["teacher_AP"]), f"{r['cost'][0]:.3f} ± {r['cost'][1]:.3f}",
+                           [[t + ("" if r["kept_on_seeds"] == len(seeds) else
+                                  f" (kept on {r['kept_on_seeds']} of {len(seeds)} seeds)"),
+                             pct(r["teacher_AP"]), f"{r['cost'][0]:.3f} ± {r['cost'][1]:.3f}",
                              pm(*r["AP"]), pm(*r["minus_long"], "+")]
                             + [pct(results["per_seed"][str(s)]["premise"][t]["AP"]) for s in seeds]
                             for t, r in sorted(pr.items(), key=lambda kv: -kv[1]["teacher_AP"])]),
@@ -381,7 +399,7 @@ def write_report(out, results, plt="auto"):
                   fig_premise(plt, os.path.join(figs, "premise.png"), results["premise"], long_ap),
                   f"Orders: BGS **{' → '.join(orders['bgs'])}** (`mtpd`); forward greedy "
                   f"**{' → '.join(orders['forward'])}** (`mtpd_forward`); `direct_bridge` distils from "
-                  f"{orders['bgs'][0]} alone."]
+                  f"{orders['bgs'][0]} alone." + other_length(orders)]
     if "all_orders" in results:
         ao = results["all_orders"]
         parts += ["## All orders (Table 2)",

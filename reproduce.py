@@ -65,10 +65,6 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     # 3. MTPD and the baselines, all at a budget of len(order) stages
     teacher = {lab: ckpt(run, lab, pool_out) for lab in pool}
     runs, stages, last = baselines_and_mtpd(run, ots, long_k, order, teacher)
-    # 3b. the capacity-gap study (opt-in, preset key `premise`): direct distillation from every teacher of
-    # the pool (Fig. 1: does the distilled student track the teacher's strength?), and the orders compared
-    if p.get("premise"):
-        premise, orders = premise_and_orders(run, cost, order, pool, kept, teacher, runs)
     model, spec, _ = load(last)
     save(os.path.join(out, "student.pt"), model.state_dict())  # plain state_dict, no adapters
     save_json(os.path.join(out, "student_spec.json"), spec)
@@ -80,8 +76,11 @@ def one_seed(p, preset, out, pool_out, root, make_loaders, device, seed, pool_se
     mechs = mechanism_rows(run, order, teacher, runs, mechanism)
     if len(mechs) > 1:
         results["mechanisms"], results["published_weights"] = mechs, recipe["published"]
+    # 4b. the capacity-gap study (opt-in, preset key `premise`): direct distillation from every teacher of
+    # the pool (Fig. 1: does the distilled student track the teacher's strength?), and the orders compared
     if p.get("premise"):
-        results["premise"], results["orders"] = premise, orders
+        results["premise"], results["orders"] = premise_and_orders(run, cost, order, pool, kept, teacher,
+                                                                   runs)
     # 5. §3.5 for the longer-trained and the MTPD student: loss vs AP at each stage boundary, flatness
     results["analysis"] = generalization(run, root, spec, ots, runs, stages, snaps, last, len(order))
     # 6. Table 2 (opt-in: n! orders)
@@ -236,20 +235,24 @@ def premise_and_orders(run, cost, order, pool, kept, teacher, runs):
     teacher's AP and d(ots -> teacher): the premise holds where the distilled student stops tracking the
     teacher's strength. Adds two rows to `runs`: `direct_bridge` (direct from BGS's first teacher; `direct`
     when BGS chose one teacher) and `mtpd_forward` (MTPD through mtpd.forward_greedy_selection's order;
-    `mtpd` when the two orders agree). -> (premise {teacher: {teacher_AP, cost, AP...}}, the orders)."""
-    budget = run.p["stage_steps"] * len(order)
-    premise = {}
+    `mtpd` when the two orders agree, `direct` when the forward order is the best teacher alone; one
+    stage per teacher as MTPD, so a forward order of another length than BGS's trains for another
+    budget, which the orders record). -> (premise {teacher: {teacher_AP, cost, kept, AP...}}, orders)."""
+    S = run.p["stage_steps"]
+    direct = {}
     for t in pool:
-        m = runs["direct"] if t == order[-1] else ready(
-            run, f"direct_{t}", run.p["student"], budget, init=ckpt(run, "ots"), teachers=[teacher[t]],
-            fixed_seed=run.same, inherit_first=run.inherit)
-        premise[t] = {"teacher_AP": pool[t]["AP"], "cost": cost["ots"][t], "kept": t in kept, **m}
-    runs["direct_bridge"] = premise[order[0]]
+        direct[t] = runs["direct"] if t == order[-1] else ready(
+            run, f"direct_{t}", run.p["student"], S * len(order), init=ckpt(run, "ots"),
+            teachers=[teacher[t]], fixed_seed=run.same, inherit_first=run.inherit)
+    runs["direct_bridge"] = direct[order[0]]
     forward = mtpd.forward_greedy_selection(cost, "ots", {k: v["AP"] for k, v in kept.items()}, run.p["k"])
     print(f"forward-greedy order: {' -> '.join(forward)}")
-    runs["mtpd_forward"] = runs["mtpd"] if forward == order else progressive(
-        run, "mtpd_forward", forward, teacher)[1][-1]
-    return premise, {"bgs": order, "forward": forward}
+    runs["mtpd_forward"] = (runs["mtpd"] if forward == order else runs["direct"] if len(forward) == 1 else
+                            progressive(run, "mtpd_forward", forward, teacher)[1][-1])
+    premise = {t: {"teacher_AP": pool[t]["AP"], "cost": cost["ots"][t], "kept": t in kept, **m}
+               for t, m in direct.items()}
+    budgets = {"bgs": S * len(order), "forward": S * len(forward)}
+    return premise, {"bgs": order, "forward": forward, "budget_steps": budgets}
 
 
 def mechanism_rows(run, order, teacher, runs, mechanism):

@@ -121,6 +121,36 @@ def test_report_with_matplotlib_draws_the_figures(tmp_path):
     assert report.bgs_path(["t1", "t2"], "ots") == [("ots", "t1"), ("t1", "t2")]
 
 
+def test_seeds_aggregate_rows_of_every_seed_gaps_per_seed_and_the_premise(tmp_path):
+    """Two seeds whose BGS orders differ and whose rows differ (an extra row on seed 0): the mean covers the
+    rows of every seed, the notes say why, the gaps are paired per seed, the premise is averaged."""
+    def one(seed, ap, order, extra=()):
+        r = fake_results()
+        row = dict(r["runs"]["ots"])
+        r["seed"], r["order"] = seed, order
+        r["runs"] = {k: dict(row, AP=v) for k, v in zip(("long", "direct", "mtpd", "direct_bridge"), ap)}
+        r["runs"].update({k: dict(row) for k in extra})
+        r["premise"] = {t: {"teacher_AP": 0.6, "cost": c, "kept": t == "t1" or seed == 0, "AP": a}
+                        for t, c, a in (("t1", 0.5 + seed, ap[1]), ("t2", 0.7, ap[3]))}
+        r["orders"] = {"bgs": order, "forward": order[-1:], "budget_steps": {"bgs": 20, "forward": 10}}
+        return r
+
+    per = {0: one(0, (0.40, 0.46, 0.44, 0.42), ["t2", "t1"], extra=["ensemble"]),
+           1: one(1, (0.42, 0.50, 0.45, 0.43), ["t1"])}
+    res = report.aggregate("gap", per)
+    assert list(res["mean"]) == ["long", "direct", "mtpd", "direct_bridge"]  # no ensemble: seed 1 lacks it
+    assert res["mean"]["mtpd"]["AP"] == pytest.approx(0.445)
+    assert res["gaps"]["mtpd - direct"]["AP"]["mean"] == pytest.approx(-0.035)  # (-0.02 - 0.05) / 2
+    assert res["gaps"]["mtpd - direct"]["AP"]["std"] == pytest.approx(0.03 / 2 ** 0.5)
+    assert "different orders" in res["note"] and "ensemble" in res["note"]
+    assert res["premise"]["t1"]["cost"] == pytest.approx((1.0, 0.5 ** 0.5))
+    assert res["premise"]["t1"]["minus_long"][0] == pytest.approx(0.07)  # (0.06 + 0.08) / 2
+    assert res["premise"]["t2"]["kept_on_seeds"] == 1
+    text = open(report.write_seeds_report(str(tmp_path), res)).read()
+    assert "| mtpd − direct | -2.0 | -5.0 |" in text
+    assert "t2 (kept on 1 of 2 seeds)" in text and "seed 1: t1" in text
+
+
 @pytest.mark.slow
 def test_order_all_distils_every_order_and_marks_bgs(zoo, tmp_path):
     base, root = zoo

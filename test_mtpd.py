@@ -487,6 +487,9 @@ def test_forward_greedy_takes_the_cheapest_stronger_next_teacher_and_ends_with_t
     assert mtpd.forward_greedy_selection(cost, "S", AP, k=3) == ["T3"]
     with pytest.raises(ValueError):
         mtpd.forward_greedy_selection(COST, "S", AP, k=0)
+    tied = dict(AP, T2=AP["T3"])  # T2 ties with the best (T3 wins the tie on its name) and is taken first
+    cost["S"].update(T2=0.05, T3=0.9)
+    assert mtpd.forward_greedy_selection(cost, "S", tied, k=3) == ["T2", "T3"]
 
 
 def test_forward_and_backward_greedy_differ_where_the_cheapest_first_step_is_a_dead_end():
@@ -744,11 +747,18 @@ def test_reproduce_several_seeds_share_the_pool_and_give_mean_and_spread(tmp_pat
         one = json.load(open(out / f"seed{s}" / "results.json"))
         prem, order = one["premise"], one["order"]
         assert sorted(prem) == sorted(pool)
-        assert prem[order[-1]]["AP"] == one["runs"]["direct"]["AP"]
-        assert one["runs"]["direct_bridge"] == prem[order[0]]
         assert all(prem[t]["cost"] == one["cost"]["ots"][t] and 0 <= prem[t]["AP"] <= 1 for t in pool)
-        others = [t for t in pool if t != order[-1]]  # trained with the direct row's budget and seed
-        assert all((out / f"seed{s}" / "ckpt" / f"direct_{t}.pt").is_file() for t in others)
+        ckpts = out / f"seed{s}" / "ckpt"
+        assert not (ckpts / f"direct_{order[-1]}.pt").exists()  # the final teacher's row is `direct`
+        for t in pool:
+            if t != order[-1]:  # trained at the direct row's budget and seed: its saved record says so
+                rec = torch.load(ckpts / f"direct_{t}.pt", weights_only=True)["metrics"]
+                assert rec["AP"] == prem[t]["AP"] and rec["recipe"]["steps"] == one["budget_steps"]
+                assert rec["recipe"]["seed"] == json.load(open(ckpts.parent / "results.json"))["runs"][
+                    "direct"]["recipe"]["seed"] and rec["recipe"]["teachers"] == [f"{t}.pt"]
+        bridge = torch.load(ckpts / (f"direct_{order[0]}.pt" if len(order) > 1 else "direct.pt"),
+                            weights_only=True)["metrics"]
+        assert one["runs"]["direct_bridge"]["AP"] == bridge["AP"]
         forward = one["orders"]["forward"]
         assert one["orders"]["bgs"] == order and forward[-1] == order[-1]
         assert (one["runs"]["mtpd_forward"] == one["runs"]["mtpd"]) == (forward == order)

@@ -24,7 +24,7 @@ import data
 import mtpd
 from conftest import tiny_batch
 from models import (TORCHVISION, ZOO, Float32Anchors, FrozenBN, build_detector, float32_outputs, fpn_features,
-                    load_backbone_weights, load_weights)
+                    inherit, load_backbone_weights, load_weights)
 
 NOT_MODULE = set(vars(nn.Module()))
 PLAIN = (bool, int, float, str, tuple, type(None))
@@ -204,6 +204,39 @@ def test_low_resolution_student_from_higher_resolution_teachers():
     student, images = tiny("retinanet_r18", scale=0.25, size=128), tiny_batch(2, 128)[0]
     for scale in (0.5, 0.75, 1.0):
         distil_step(student, tiny("retinanet_r18", scale=scale, size=128), images, ALL, "upsample")
+
+
+def test_group_norm_heads_and_the_gap_presets_pool():
+    """head_gn: GroupNorm after each conv of both RetinaNet subnets (torchvision's v2 head). The `gap`
+    preset's student pairs with every teacher of its pool at all five strides, its maps upsampled by the
+    resolution ratio, and inherits the whole neck and head of a RetinaNet-R18 teacher at any resolution
+    (GroupNorm included), less of an R50, and only the neck of the FCOS one."""
+    import engine
+    import train
+    p = train.PRESETS["gap"]
+    images = tiny_batch(1, p["size"])[0]
+
+    def made(m):
+        torch.manual_seed(0)
+        return engine.build(engine.make_spec(m["label"], m["name"], m["scale"], p["size"], [1, 2, 3, 4, 5],
+                                             **m["build"])).eval()
+
+    student = made(p["student"])
+    gn = [m for m in student.head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(gn) == 2 * p["student"]["build"]["head_convs"] and all(m.num_groups == 32 for m in gn)
+    with torch.no_grad():
+        fs = fpn_features(student, images)
+    for m in p["pool"]:
+        teacher = made(m)
+        with torch.no_grad():
+            ft = fpn_features(teacher, images)
+        assert mtpd.common_strides(fs, ft) == [8, 16, 32, 64, 128]
+        assert ft[8].shape[-1] == fs[8].shape[-1] * m["scale"] / p["student"]["scale"]
+        copied, of = inherit(copy.deepcopy(student), teacher, images)
+        # an R50's lateral 1x1 convs read C3-C5 of other widths: all but their 3 weights; FCOS: the neck only
+        neck = sum(k.startswith("backbone.fpn.") for k in student.state_dict())
+        expected = {"retinanet_r18": of, "retinanet_r50": of - 3, "fcos_r18": neck}[m["name"]]
+        assert copied == expected, (m["label"], copied, of)
 
 
 def test_swin_teacher_cnn_student_and_back():
