@@ -260,6 +260,11 @@ def aggregate(preset, per):
            "std": {r: {c: v[1] for c, v in cs.items()} for r, cs in stat.items()},
            "gaps": {g: {c: {"mean": v[0], "std": v[1]} for c, v in cs.items()} for g, cs in gaps.items()}}
     if all("premise" in per[s] for s in seeds):  # Fig. 1 over seeds: one shared pool, each seed's student
+        teachers = [t for t in per[seeds[0]]["premise"] if all(t in per[s]["premise"] for s in seeds)]
+        if len(teachers) < len(per[seeds[0]]["premise"]):
+            out["note"] = "; ".join(filter(None, [out["note"], "teachers distilled directly on some seeds "
+                                                   "only are left out of the premise's mean"]))
+
         def over(t, f):
             return mean_std([f(per[s]["premise"][t], per[s]["runs"]) for s in seeds])
 
@@ -267,7 +272,7 @@ def aggregate(preset, per):
                               "cost": over(t, lambda x, _: x["cost"]),
                               "minus_long": over(t, lambda x, runs: x["AP"] - runs["long"]["AP"]),
                               "kept_on_seeds": sum(per[s]["premise"][t]["kept"] for s in seeds)}
-                          for t, r in per[seeds[0]]["premise"].items()}
+                          for t, r in per[seeds[0]]["premise"].items() if t in teachers}
     return out
 
 

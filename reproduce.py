@@ -231,19 +231,22 @@ def baselines_and_mtpd(run, ots, long_k, order, teacher):
 
 def premise_and_orders(run, cost, order, pool, kept, teacher, runs):
     """The capacity-gap study. Fig. 1 of the paper: the OTS student distilled directly from each teacher of
-    the pool (kept or not) at the rows' budget, with the `direct` row's seed and batches, against the
-    teacher's AP and d(ots -> teacher): the premise holds where the distilled student stops tracking the
-    teacher's strength. Adds two rows to `runs`: `direct_bridge` (direct from BGS's first teacher; `direct`
-    when BGS chose one teacher) and `mtpd_forward` (MTPD through mtpd.forward_greedy_selection's order;
-    `mtpd` when the two orders agree, `direct` when the forward order is the best teacher alone; one
+    the pool, kept or not (p['premise'] True; a list: those teachers, BGS's first and last, and the rows
+    already trained in the folder), at the rows' budget with the `direct` row's seed and batches, against
+    the teacher's AP and d(ots -> teacher): the premise holds where the distilled student stops tracking
+    the teacher's strength. Adds two rows to `runs`: `direct_bridge` (direct from BGS's first teacher;
+    `direct` when BGS chose one teacher) and `mtpd_forward` (MTPD through mtpd.forward_greedy_selection's
+    order; `mtpd` when the two orders agree, `direct` when the forward order is the best teacher alone; one
     stage per teacher as MTPD, so a forward order of another length than BGS's trains for another
     budget, which the orders record). -> (premise {teacher: {teacher_AP, cost, kept, AP...}}, orders)."""
-    S = run.p["stage_steps"]
+    S, asked = run.p["stage_steps"], run.p["premise"]
     direct = {}
     for t in pool:
-        direct[t] = runs["direct"] if t == order[-1] else ready(
-            run, f"direct_{t}", run.p["student"], S * len(order), init=ckpt(run, "ots"),
-            teachers=[teacher[t]], fixed_seed=run.same, inherit_first=run.inherit)
+        if t == order[-1]:
+            direct[t] = runs["direct"]
+        elif asked is True or t in (*asked, order[0]) or os.path.isfile(ckpt(run, f"direct_{t}")):
+            direct[t] = ready(run, f"direct_{t}", run.p["student"], S * len(order), init=ckpt(run, "ots"),
+                              teachers=[teacher[t]], fixed_seed=run.same, inherit_first=run.inherit)
     runs["direct_bridge"] = direct[order[0]]
     forward = mtpd.forward_greedy_selection(cost, "ots", {k: v["AP"] for k, v in kept.items()}, run.p["k"])
     print(f"forward-greedy order: {' -> '.join(forward)}")

@@ -483,6 +483,8 @@ def test_bad_inputs_fail_in_one_line_with_exit_2_and_write_nothing(zoo, tmp_path
           "pkd", "--out", out], "BGS decides"),
         (["order", "--all", "--ckpt-student", s, "--teachers", t1, named_s, "--data", root, "--out", out],
          "have the label 's'"),
+        (["reproduce", "--preset", "gap", "--premise", "r18@1x", "r18@3x", "--out", out],
+         "r18@3x not in the gap preset's pool"),
     ]
     if torch.cuda.is_available():
         cases = [c for c in cases if "cuda" not in c[0]]

@@ -162,6 +162,13 @@ def cmd_reproduce(args):
     p = dict(p, **{k: v for k, v in flags if v is not None})
     if p["stage_steps"] < 1:
         fail(f"--stage-steps must be at least 1, got {p['stage_steps']}")
+    if args.premise:  # the teachers to distil directly (Fig. 1), or all of them
+        labels = [m["label"] for m in p["pool"]]
+        unknown = [t for t in args.premise if t not in labels + ["all"]]
+        if unknown:
+            fail(f"--premise: {', '.join(unknown)} not in the {args.preset} preset's pool "
+                 f"({', '.join(labels)}); name teachers of it, or 'all'")
+        p["premise"] = True if "all" in args.premise else list(args.premise)
     root = dataset_root(args)  # after the checks: a bad flag writes nothing
     return reproduce.reproduce(p, args.preset, out, root,
                                lambda b, masks, seed: loaders(args, root, b, seed, masks),
@@ -529,6 +536,10 @@ def get_args_parser():
     p.add_argument("--lam", type=float, help="weight of the feature loss (default: the preset's)")
     p.add_argument("--stage-steps", type=int, help="iterations per stage; every row trains k times as many "
                    "(default: the preset's; the paper's protocol: the OTS student's, --stage-steps 800)")
+    p.add_argument("--premise", nargs="+", metavar="TEACHER",
+                   help="also distil the OTS student directly from these teachers of the pool (Fig. 1), or "
+                        "'all' (default: the preset's: all for gap, none otherwise); BGS's first and last "
+                        "teachers always, and rows already trained in the folder are reported too")
     inherit_adapter(p, method=False)
     return ap
 
