@@ -102,3 +102,24 @@ print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs
   ccell mtpd   5000  --teachers "$C/r50@1x.pt" "$C/r18@1x.pt"
   ccell direct 10000 --teachers "$C/r18@1x.pt"
 fi
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 4 (RESULTS.md "Does a capacity gap show MTPD's premise?"): after
+# `python train.py --preset gap --seeds 0 1 2 --out runs/gap`, seed 0's OTS student distilled without
+# inheriting, from the R18 ladder's ends and through BGS's order: does inheriting erase the distance to a
+# far teacher? The direct cells have the `direct` row's seed (635), budget (2000) and batches; the MTPD cell
+# distil's stage seeds (635, 636). Run as `bash study.sh gap`; about 5 minutes a cell of 2000 iterations.
+if [ "${1:-}" = gap ]; then
+  G=${GAP:-runs/gap}; OUT=${OUT_GAP:-runs/gap_study}; mkdir -p "$OUT"
+  gcell() {
+    local name=$1 steps=$2; shift 2
+    python train.py distill --student "$G/seed0/ckpt/ots.pt" --keep-order --seed 635 --steps "$steps" --resume \
+      --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
+    python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
+m = torch.load(f, weights_only=True)['metrics']; \
+print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
+  }
+  gcell direct_r18@2x_noinherit 2000 --no-inherit --teachers "$G/ckpt/r18@2x.pt"
+  gcell direct_r18@1x_noinherit 2000 --no-inherit --teachers "$G/ckpt/r18@1x.pt"
+  gcell mtpd_noinherit          1000 --no-inherit --teachers "$G/ckpt/r18@1.5x.pt" "$G/ckpt/r18@2x.pt"
+fi
