@@ -119,6 +119,7 @@ if [ "${1:-}" = gap ]; then
 m = torch.load(f, weights_only=True)['metrics']; \
 print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
   }
+  gcell direct_r18@2x          2000 --inherit --teachers "$G/ckpt/r18@2x.pt"     # = seed 0's `direct` row
   gcell direct_r18@2x_noinherit 2000 --no-inherit --teachers "$G/ckpt/r18@2x.pt"
   gcell direct_r18@1x_noinherit 2000 --no-inherit --teachers "$G/ckpt/r18@1x.pt"
   gcell mtpd_noinherit          1000 --no-inherit --teachers "$G/ckpt/r18@1.5x.pt" "$G/ckpt/r18@2x.pt"
