@@ -137,14 +137,16 @@ def fig_landscape(plt, path, lands):
 
 def fig_premise(plt, path, premise, long_ap):
     """Fig. 1: the directly distilled student's AP against its teacher's AP and against d(ots -> teacher),
-    one point per teacher of the pool; `long` (the same budget, no teacher) as a line."""
+    one point per teacher of the pool; `long` (the same budget, no teacher) as a line. Over seeds, each
+    point is the mean with the std as its error bar (`AP_std`)."""
     if plt is None:
         return "(the table above: matplotlib is not installed)"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, x, label in ((axes[0], "teacher_AP", "teacher AP"), (axes[1], "cost", "d(ots → teacher)")):
         for t, r in premise.items():
             xv = 100 * r[x] if x == "teacher_AP" else r[x]
-            ax.plot(xv, 100 * r["AP"], "o", color="C0" if r.get("kept", True) else "grey")
+            ax.errorbar(xv, 100 * r["AP"], yerr=100 * r.get("AP_std", 0.0), fmt="o", capsize=3,
+                        color="C0" if r.get("kept", True) else "grey")
             ax.annotate(t, (xv, 100 * r["AP"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.axhline(100 * long_ap, ls=":", color="grey", label="long (no teacher)")
         ax.set(xlabel=label, ylabel="distilled student's AP")
@@ -296,9 +298,9 @@ def seeds_summary(results):
     return "\n".join(lines)
 
 
-def write_seeds_report(out, results):
-    """out/report.md for several seeds: mean ± std, the gaps, per-seed rows; each seed's own report in
-    out/seed<s>/report.md. Returns the report's path."""
+def write_seeds_report(out, results, plt="auto"):
+    """out/report.md for several seeds: mean ± std, the gaps, per-seed rows, Fig. 1 over seeds where it
+    ran; each seed's own report in out/seed<s>/report.md. Returns the report's path."""
     seeds = results["seeds"]
 
     def ap(seed, row):
@@ -326,6 +328,9 @@ def write_seeds_report(out, results):
                                     for s, r in results["per_seed"].items()) + "."]
     if "premise" in results:
         pr = results["premise"]
+        os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+        means = {t: {"teacher_AP": r["teacher_AP"], "cost": r["cost"][0], "AP": r["AP"][0],
+                     "AP_std": r["AP"][1]} for t, r in pr.items()}
         parts += ["## Direct distillation from each teacher (Fig. 1), mean ± std over seeds",
                   md_table(["teacher", "teacher AP", "d(ots → teacher)", "distilled AP", "− long"]
                            + [f"seed {s}" for s in seeds],
@@ -335,6 +340,8 @@ def write_seeds_report(out, results):
                              pm(*r["AP"]), pm(*r["minus_long"], "+")]
                             + [pct(results["per_seed"][str(s)]["premise"][t]["AP"]) for s in seeds]
                             for t, r in sorted(pr.items(), key=lambda kv: -kv[1]["teacher_AP"])]),
+                  fig_premise(pyplot() if plt == "auto" else plt, os.path.join(out, "figures", "premise.png"),
+                              means, results["mean"]["long"]["AP"]),
                   "Forward-greedy orders: " + "; ".join(
                       f"seed {s}: {' → '.join(r['orders']['forward'])}"
                       for s, r in results["per_seed"].items()) + "."]

@@ -149,6 +149,9 @@ def test_seeds_aggregate_rows_of_every_seed_gaps_per_seed_and_the_premise(tmp_pa
     text = open(report.write_seeds_report(str(tmp_path), res)).read()
     assert "| mtpd − direct | -2.0 | -5.0 |" in text
     assert "t2 (kept on 1 of 2 seeds)" in text and "seed 1: t1" in text
+    if report.pyplot() is not None:  # Fig. 1 over seeds, drawn where matplotlib is
+        assert "![premise.png](figures/premise.png)" in text
+        assert (tmp_path / "figures" / "premise.png").stat().st_size > 0
     del per[1]["premise"]["t2"]  # distilled directly on seed 0 only (--premise): left out of the mean
     res = report.aggregate("gap", per)
     assert list(res["premise"]) == ["t1"] and "some seeds only" in res["note"]
