@@ -10,7 +10,7 @@
 # one run at a time; a finished cell is reused). Prints one line per cell.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ "${1:-}" != fast ]; then
+if [ -z "${1:-}" ]; then  # part 1 only without an argument
 RUN=${RUN:-runs/seeds/seed0}; POOL=${POOL:-runs/seeds/ckpt}; OUT=${OUT:-runs/study}
 TEACHER=$POOL/$(python -c "import json; print(json.load(open('$RUN/order.json'))['order'][-1])").pt
 B=$(python -c "import json; print(json.load(open('$RUN/results.json'))['budget_steps'])")  # the rows' budget
