@@ -10,6 +10,16 @@
 # one run at a time; a finished cell is reused). Prints one line per cell.
 set -euo pipefail
 cd "$(dirname "$0")"
+# One cell: `distill` from STUDENT with the rows' seed (635), resumable, into OUT/NAME (log OUT/NAME.log);
+# prints the AP of its last stage. The parts below wrap it with their student, folder and flags.
+run_cell() {
+  local student=$1 out=$2 name=$3 steps=$4; shift 4
+  python train.py distill --student "$student" --keep-order --seed 635 --steps "$steps" --resume \
+    --out "$out/$name" "$@" > "$out/$name.log" 2>&1 || { tail -3 "$out/$name.log"; exit 1; }
+  python -c "import glob, torch; f = sorted(glob.glob('$out/$name/stage?.pt'))[-1]; \
+m = torch.load(f, weights_only=True)['metrics']; \
+print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
+}
 if [ -z "${1:-}" ]; then  # part 1 only without an argument
 RUN=${RUN:-runs/seeds/seed0}; POOL=${POOL:-runs/seeds/ckpt}; OUT=${OUT:-runs/study}
 TEACHER=$POOL/$(python -c "import json; print(json.load(open('$RUN/order.json'))['order'][-1])").pt
@@ -18,11 +28,7 @@ S=$(python -c "import json; print(json.load(open('$RUN/results.json'))['recipe']
 ORDER=$(python -c "import json; print(' '.join('$POOL/' + t + '.pt' for t in json.load(open('$RUN/order.json'))['order']))")
 cell() {  # name, iterations per stage, then distill's flags (a later --teachers replaces the final teacher)
   local name=$1 steps=$2; shift 2
-  python train.py distill --student "$RUN/ckpt/ots.pt" --teachers "$TEACHER" --keep-order --seed 635 --precision fp32 \
-    --steps "$steps" --resume --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
-  python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
-m = torch.load(f, weights_only=True)['metrics']; \
-print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
+  run_cell "$RUN/ckpt/ots.pt" "$OUT" "$name" "$steps" --teachers "$TEACHER" --precision fp32 "$@"
 }
 mkdir -p "$OUT"
 cell direct_no_inherit    $B --lam 1 --no-inherit
@@ -48,11 +54,7 @@ if [ "${1:-}" = fast ]; then
   R50=$FAST/r50@1x.pt; R18=$FAST/r18@1x.pt
   fcell() {
     local name=$1 steps=$2; shift 2
-    python train.py distill --student "$FAST/ots.pt" --keep-order --seed 635 --steps "$steps" --lam 1 --resume \
-      --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
-    python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
-m = torch.load(f, weights_only=True)['metrics']; \
-print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
+    run_cell "$FAST/ots.pt" "$OUT" "$name" "$steps" --lam 1 "$@"
   }
   # two stages as `distill` runs them (stage i: seed 635 + i, fresh adapters and AdamW, the first inherits),
   # from any two teachers (also the same one twice), with per-stage schedules ("restart") or one schedule
@@ -93,11 +95,7 @@ if [ "${1:-}" = converged ]; then
   C=${CONVERGED:-runs/converged/ckpt}; OUT=${OUT_CONVERGED:-runs/converged_s5000}; mkdir -p "$OUT"
   ccell() {
     local name=$1 steps=$2; shift 2
-    python train.py distill --student "$C/ots.pt" --keep-order --seed 635 --steps "$steps" --lam 3 --inherit \
-      --resume --ckpt-every 500 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
-    python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
-m = torch.load(f, weights_only=True)['metrics']; \
-print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
+    run_cell "$C/ots.pt" "$OUT" "$name" "$steps" --lam 3 --inherit --ckpt-every 500 "$@"
   }
   ccell mtpd   5000  --teachers "$C/r50@1x.pt" "$C/r18@1x.pt"
   ccell direct 10000 --teachers "$C/r18@1x.pt"
@@ -113,11 +111,7 @@ if [ "${1:-}" = gap ]; then
   G=${GAP:-runs/gap}; OUT=${OUT_GAP:-runs/gap_study}; mkdir -p "$OUT"
   gcell() {
     local name=$1 steps=$2; shift 2
-    python train.py distill --student "$G/seed0/ckpt/ots.pt" --keep-order --seed 635 --steps "$steps" --resume \
-      --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { tail -3 "$OUT/$name.log"; exit 1; }
-    python -c "import glob, torch; f = sorted(glob.glob('$OUT/$name/stage?.pt'))[-1]; \
-m = torch.load(f, weights_only=True)['metrics']; \
-print(f'$name'.ljust(24), ' '.join(f'{k} {100 * m[k]:5.1f}' for k in ('AP', 'APs', 'APm', 'APl')))"
+    run_cell "$G/seed0/ckpt/ots.pt" "$OUT" "$name" "$steps" "$@"
   }
   gcell direct_r18@2x          2000 --inherit --teachers "$G/ckpt/r18@2x.pt"     # = seed 0's `direct` row
   gcell direct_r18@2x_noinherit 2000 --no-inherit --teachers "$G/ckpt/r18@2x.pt"
