@@ -354,6 +354,44 @@ def write_seeds_report(out, results, plt="auto"):
 # ---------------------------------------------------------------------------------------------------------
 # The page.
 # ---------------------------------------------------------------------------------------------------------
+def study_sections(plt, figs, results):
+    """The report's sections for what a run added beyond the rows: Fig. 1 (the capacity gap), all orders
+    (Table 2) and the mechanisms (Fig. 4). -> a list of markdown parts (empty when none ran)."""
+    runs, order, parts = results["runs"], results["order"], []
+    if "premise" in results:
+        long_ap, orders = runs["long"]["AP"], results["orders"]
+        parts += ["## Direct distillation from each teacher (Fig. 1: the capacity gap)",
+                  "The OTS student distilled directly from each teacher of the pool, at the rows' budget "
+                  "and with the `direct` row's seed and batches. The premise of MTPD holds where the "
+                  "distilled student stops tracking its teacher's strength: a stronger but farther teacher "
+                  "gives no better student.",
+                  md_table(["teacher", "teacher AP", "d(ots → teacher)", "distilled AP", "− long"],
+                           premise_rows(results["premise"], long_ap)),
+                  fig_premise(plt, os.path.join(figs, "premise.png"), results["premise"], long_ap),
+                  f"Orders: BGS **{' → '.join(orders['bgs'])}** (`mtpd`); forward greedy "
+                  f"**{' → '.join(orders['forward'])}** (`mtpd_forward`); `direct_bridge` distils from "
+                  f"{orders['bgs'][0]} alone." + other_length(orders)]
+    if "all_orders" in results:
+        ao = results["all_orders"]
+        parts += ["## All orders (Table 2)",
+                  f"Every order of {', '.join(ao['teachers'])}, {ao['stage_steps']} iterations per stage. "
+                  f"BGS's order ranks **{ao['bgs_rank'] or 'n/a'}** of {len(ao['rows'])}.",
+                  md_table(["rank", "order", "AP after each stage", "final AP"],
+                           [[i + 1, " → ".join(r["order"]) + (" **(BGS)**" if r["order"] == order else ""),
+                             " / ".join(pct(a) for a in r["stage_AP"]), pct(r["AP"])]
+                            for i, r in enumerate(ao["rows"])])]
+    if "mechanisms" in results:
+        mech = results["mechanisms"]
+        parts += ["## Mechanisms: direct vs MTPD (Fig. 4)",
+                  "Each mechanism replaces the L2 feature loss in every stage; direct = the last teacher "
+                  "only, same budget.",
+                  md_table(["mechanism", "direct AP", "MTPD AP", "MTPD − direct"],
+                           [[k, pct(v["direct"]["AP"]), pct(v["mtpd"]["AP"]),
+                             f"{100 * (v['mtpd']['AP'] - v['direct']['AP']):+.1f}"]
+                            for k, v in mech.items()])]
+    return parts
+
+
 def write_report(out, results, plt="auto"):
     """Write out/report.md (and out/figures/*.png when matplotlib is there). Returns the report's path."""
     plt = pyplot() if plt == "auto" else plt
@@ -399,37 +437,7 @@ def write_report(out, results, plt="auto"):
                            [[k, f"{an['landscape'][k]['loss0']:.3f}"] + [f"{v:.3f}" for v in fl[k].values()]
                             for k in fl]),
                   fig_landscape(plt, os.path.join(figs, "landscape.png"), an["landscape"])]
-    if "premise" in results:
-        long_ap, orders = runs["long"]["AP"], results["orders"]
-        parts += ["## Direct distillation from each teacher (Fig. 1: the capacity gap)",
-                  "The OTS student distilled directly from each teacher of the pool, at the rows' budget "
-                  "and with the `direct` row's seed and batches. The premise of MTPD holds where the "
-                  "distilled student stops tracking its teacher's strength: a stronger but farther teacher "
-                  "gives no better student.",
-                  md_table(["teacher", "teacher AP", "d(ots → teacher)", "distilled AP", "− long"],
-                           premise_rows(results["premise"], long_ap)),
-                  fig_premise(plt, os.path.join(figs, "premise.png"), results["premise"], long_ap),
-                  f"Orders: BGS **{' → '.join(orders['bgs'])}** (`mtpd`); forward greedy "
-                  f"**{' → '.join(orders['forward'])}** (`mtpd_forward`); `direct_bridge` distils from "
-                  f"{orders['bgs'][0]} alone." + other_length(orders)]
-    if "all_orders" in results:
-        ao = results["all_orders"]
-        parts += ["## All orders (Table 2)",
-                  f"Every order of {', '.join(ao['teachers'])}, {ao['stage_steps']} iterations per stage. "
-                  f"BGS's order ranks **{ao['bgs_rank'] or 'n/a'}** of {len(ao['rows'])}.",
-                  md_table(["rank", "order", "AP after each stage", "final AP"],
-                           [[i + 1, " → ".join(r["order"]) + (" **(BGS)**" if r["order"] == order else ""),
-                             " / ".join(pct(a) for a in r["stage_AP"]), pct(r["AP"])]
-                            for i, r in enumerate(ao["rows"])])]
-    if "mechanisms" in results:
-        mech = results["mechanisms"]
-        parts += ["## Mechanisms: direct vs MTPD (Fig. 4)",
-                  "Each mechanism replaces the L2 feature loss in every stage; direct = the last teacher "
-                  "only, same budget.",
-                  md_table(["mechanism", "direct AP", "MTPD AP", "MTPD − direct"],
-                           [[k, pct(v["direct"]["AP"]), pct(v["mtpd"]["AP"]),
-                             f"{100 * (v['mtpd']['AP'] - v['direct']['AP']):+.1f}"]
-                            for k, v in mech.items()])]
+    parts += study_sections(plt, figs, results)
     path = os.path.join(out, "report.md")
     atomic_write(path, lambda f: f.write("\n\n".join(parts) + "\n"))
     return path
