@@ -1,25 +1,15 @@
-"""Feature-distillation mechanisms that MTPD wraps (Cao et al., ICML 2023, §3.4 and Fig. 4): each stage of
-the progressive schedule can use any of them in place of the plain L2 of §3.1.
+"""The feature-distillation mechanisms MTPD wraps (§3.4, Fig. 4), usable in any stage in place of the L2:
 
-    L2    ||F_T - phi(F_S)||^2 / Var(F_T)        mtpd.feature_loss itself, not a module here
     CWD   channel-wise distillation              Shu et al., ICCV 2021, arXiv 2011.13256
     FGD   focal and global distillation          Yang et al., CVPR 2022, arXiv 2111.11837
     MGD   masked generative distillation         Yang et al., ECCV 2022, arXiv 2205.01529
     PKD   Pearson-correlation distillation       Cao et al., NeurIPS 2022, arXiv 2207.02039
 
-Every mechanism is an nn.Module for ONE FPN level pair with the same call:
-
-    loss = mech(fs, ft, boxes=None, stride=None)  ->  scalar float32
-
-fs [N, C, H, W]: the student's level already passed through mtpd's Adapter (so it has the teacher's shape);
-ft [N, C, H, W]: the teacher's level (no gradient ever flows into it). boxes: list of N tensors [n_i, 4] xyxy
-in the pixel frame of the teacher's padded input batch; stride: the level's stride in those pixels (only FGD
-uses them). The caller sums the losses over the common strides, one module per level. Learnable parts (FGD's
-GcBlocks, MGD's generation block) train with the student and are dropped at export, like the adapters.
-Everything is computed in float32, autocast or not: sums of squares over a whole map need the mantissa.
-
-It imports torch only. The formulas follow the authors' code (yzd-v/FGD, yzd-v/MGD, open-mmlab/mmrazor for
-CWD and PKD); the few places where they differ are marked "deviation".
+Each is an nn.Module for one FPN level: mech(fs, ft, boxes=None, stride=None) -> a float32 scalar, with fs
+[N, C, H, W] the student's level after mtpd's Adapter, ft the teacher's (no gradient flows into it); FGD
+alone uses boxes ([n_i, 4] xyxy in the teacher's input frame) and the stride. Learnable parts train with the
+student and are dropped at export. Torch only; the formulas follow the authors' code (yzd-v/FGD, yzd-v/MGD,
+mmrazor's CWD and PKD), and where they differ it says "deviation".
 """
 import torch
 import torch.nn.functional as F
@@ -35,13 +25,8 @@ def _pair(fs, ft):
 
 
 class CWD(nn.Module):
-    """Channel-wise distillation (Shu et al. 2021): each channel, softmaxed over its H*W positions, is a
-    distribution over where that channel fires; the student matches the teacher's with KL(p_T || p_S).
-
-    loss = weight * tau^2 * sum_{n,c} KL(p_T || p_S) / (N * C),   p = softmax_{HW}(F / tau).
-    Defaults: tau 1, weight 5 (the authors' mmdet port, RetinaNet). mmrazor's RetinaNet/R-CNN configs use
-    weight 10 with the same formula.
-    """
+    """CWD: each channel softmaxed over its positions, p = softmax_HW(F / tau), is where it fires; loss =
+    weight * tau^2 * sum_{n,c} KL(p_T || p_S) / (N * C). Published: tau 1, weight 5 (RetinaNet)."""
 
     def __init__(self, channels, tau=1.0, weight=5.0):
         super().__init__()
@@ -57,20 +42,11 @@ class CWD(nn.Module):
 
 
 def fgd_masks(boxes, stride, H, W):
-    """FGD's foreground / background masks for one level (Yang et al. 2022, §3.1 of FGD).
-
-    boxes: list of N tensors [n_i, 4] xyxy in input pixels; stride: pixels per cell of this level.
-    A box covers the cells floor(y1/s)..ceil(y2/s) x floor(x1/s)..ceil(x2/s), both ends included, and each
-    covered cell gets 1/area with area = (hmax - hmin + 1) * (wmax - wmin + 1) cells, as the authors' code
-    (the count includes cells a box's ceil pushes past the border); where boxes overlap the smaller box,
-    i.e. the larger value, wins. Background = 1 / (#cells with fg == 0) there, 0 elsewhere (all 0 if the
-    whole level is foreground). So fg weighs every object equally whatever its size and bg sums to 1.
-    Rows are y, columns x, as mmrazor's port and one version of the authors' file (another version of that
-    file indexes rows by x: a transposition).
-    Deviation: the original scales boxes by the unpadded image size against the padded map's H, W, which
-    shifts masks on padded batches; dividing by the stride keeps them in the padded frame.
-    Returns (fg [N, H, W], bg [N, H, W]) float32 on the boxes' device.
-    """
+    """FGD's masks for a level of `stride` and size (H, W), boxes [n_i, 4] xyxy in input pixels: a box covers
+    cells floor(x1/s)..ceil(x2/s) (both ends, as the authors' code) and each gets 1 / its cell count (the
+    smaller box wins an overlap); background 1 / (#cells outside every box). Rows are y. Deviation: boxes
+    are divided by the stride (the original scales them by the unpadded size against the padded map,
+    shifting masks on padded batches). -> (fg [N, H, W], bg [N, H, W]), float32."""
     fg, bg = [], []
     for b in boxes:
         b = b.detach().float().reshape(-1, 4) / stride  # [n, 4] in cells
@@ -90,13 +66,9 @@ def fgd_masks(boxes, stride, H, W):
 
 
 class GcBlock(nn.Module):
-    """Global context block (Cao et al., GCNet, ICCVW 2019, arXiv 1904.11492) as FGD uses it.
-
-    x [N, C, H, W] -> x + transform(context): context [N, C, 1, 1] is the average of x over positions,
-    weighted by a softmax over H*W of a 1x1 conv (one logit per position); the transform is
-    conv1x1(C, C/2) -> LayerNorm -> ReLU -> conv1x1(C/2, C). The last conv starts at zero (as the original),
-    so at first the block is the identity and only that conv receives gradient.
-    """
+    """GCNet's global context block (arXiv 1904.11492) as FGD uses it: x [N, C, H, W] -> x + transform(the
+    average of x weighted by a softmax over positions of a 1x1 conv), transform conv1x1 -> LayerNorm ->
+    ReLU -> conv1x1, its last conv zero at first (the identity)."""
 
     def __init__(self, channels):
         super().__init__()
@@ -116,8 +88,7 @@ class GcBlock(nn.Module):
 
 
 def fgd_attention(x, temp):
-    """FGD's attentions of a map x [N, C, H, W]: spatial A_S = H*W * softmax_{HW}(mean_c |x| / T) [N, H, W]
-    and channel A_C = C * softmax_C(mean_hw |x| / T) [N, C]; both average 1."""
+    """Spatial H*W softmax_HW(mean_c |x| / T) [N, H, W] and channel C softmax_C(mean_hw |x| / T) [N, C]."""
     n, c, h, w = x.shape
     a = x.abs()
     spatial = h * w * F.softmax(a.mean(1).flatten(1) / temp, dim=1).view(n, h, w)
@@ -126,21 +97,10 @@ def fgd_attention(x, temp):
 
 
 class FGD(nn.Module):
-    """Focal and global distillation (Yang et al. 2022).
-
-    Focal part: squared feature errors weighted by the TEACHER's spatial and channel attention and by the
-    fg / bg masks of `fgd_masks`: fg = sum(M_fg A_S A_C (F_S - F_T)^2) / N, bg likewise with M_bg; plus the
-    attention loss sum|A_C^S - A_C^T| / N + sum|A_S^S - A_S^T| / N, which teaches the student where the
-    teacher looks. (The original multiplies both maps by sqrt(mask * attention) before a summed MSE: the
-    same number.) Global part: sum(GcBlock_S(F_S) - GcBlock_T(F_T))^2 / N with two learnable GcBlocks,
-    the first on the student, the second on the teacher's (frozen) features.
-    loss = weight * (alpha * fg + beta * bg + gamma * attention + lam * global).
-    Defaults (RetinaNet): temp 0.5, alpha 1e-3, beta 5e-4, gamma 5e-4, lam 5e-6; Faster/Mask R-CNN:
-    temp 0.5, alpha 5e-5, beta 2.5e-5, gamma 5e-5, lam 5e-7. The original's 1x1 align conv for differing
-    channel counts is not needed: mtpd's Adapter has already mapped the student to the teacher's shape.
-    """
-
-    needs_boxes = True  # the caller passes the ground truth only to mechanisms that use it
+    """FGD: squared errors weighted by the teacher's spatial and channel attention, summed over the
+    foreground and background masks (fg, bg); an attention loss sum |A^S - A^T| / N; a global loss between
+    learnable GcBlocks of student and teacher. loss = weight * (alpha fg + beta bg + gamma attention + lam
+    global), each / N. Published (RetinaNet): temp 0.5, alpha 1e-3, beta 5e-4, gamma 5e-4, lam 5e-6."""
 
     def __init__(self, channels, temp=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lam=5e-6, weight=1.0):
         super().__init__()
@@ -167,16 +127,9 @@ class FGD(nn.Module):
 
 
 class MGD(nn.Module):
-    """Masked generative distillation (Yang et al. 2022): hide random positions of the student's map and
-    make a small generation block reconstruct the teacher's whole map from what is left.
-
-    M [N, 1, H, W]: each position dropped with probability mask_ratio (the paper's lambda), one mask shared
-    by all channels (the original: u ~ U[0, 1), keep where u <= 1 - lambda), drawn with torch.rand on the
-    feature's device, so torch.manual_seed makes it repeatable. It is drawn on every call, as the original.
-    G = conv3x3 -> ReLU -> conv3x3 (C -> C), the attribute `generation` (a test can swap in nn.Identity).
-    loss = weight * alpha * sum((G(F_S * M) - F_T)^2) / N.
-    Defaults (RetinaNet): alpha 2e-5, mask_ratio 0.65; Faster/Mask R-CNN: alpha 5e-7, mask_ratio 0.45.
-    """
+    """MGD: each position of the student's map dropped with probability mask_ratio (one mask for all
+    channels, drawn at every call), then `generation` (conv3x3 -> ReLU -> conv3x3) rebuilds the teacher's
+    map: loss = weight * alpha * sum((G(F_S * M) - F_T)^2) / N. Published (RetinaNet): alpha 2e-5, 0.65."""
 
     def __init__(self, channels, alpha=2e-5, mask_ratio=0.65, weight=1.0):
         super().__init__()
@@ -201,14 +154,9 @@ def _standardise(x, eps):
 
 
 class PKD(nn.Module):
-    """Pearson-correlation distillation (Cao et al. 2022): standardise each channel of student and teacher
-    over (N, H, W), then loss = weight * MSE / 2. With population std this is exactly the mean over
-    channels of 1 - r_c, r_c the Pearson correlation of channel c: it ignores the scale and offset of each
-    channel, so a student is not pushed towards the teacher's feature magnitudes.
-    Defaults: weight 10 (RetinaNet); 6 for Faster R-CNN.
-    Deviation: mmrazor divides by the sample std (Bessel's correction), which gives (1 - 1/(NHW)) * (1 - r);
-    the two agree except on the coarsest levels of tiny batches.
-    """
+    """PKD: each channel standardised over (N, H, W), loss = weight * MSE / 2 = the mean over channels of
+    1 - Pearson r: blind to each channel's scale and offset. Published: weight 10 (RetinaNet). Deviation:
+    the population std (mmrazor's sample std gives (1 - 1/NHW)(1 - r))."""
 
     def __init__(self, channels, weight=10.0, eps=1e-6):
         super().__init__()
@@ -219,8 +167,6 @@ class PKD(nn.Module):
         return self.weight * F.mse_loss(_standardise(fs, self.eps), _standardise(ft, self.eps)) / 2
 
 
-# The command line's choices: "l2" is mtpd.feature_loss (no module, so not in MECHANISMS), the others
-# are the modules above.
 NAMES = ("l2", "cwd", "fgd", "mgd", "pkd")
 MECHANISMS = {"cwd": CWD, "fgd": FGD, "mgd": MGD, "pkd": PKD}
 
@@ -230,13 +176,8 @@ MECHANISMS = {"cwd": CWD, "fgd": FGD, "mgd": MGD, "pkd": PKD}
 BENCHMARK = dict(cwd=0.1, fgd=0.005, mgd=0.1, pkd=0.2)
 
 
-def make(name, channels, published=False, **overrides):
-    """The mechanism `name` (one of MECHANISMS) for one level of `channels` channels: the class's defaults
-    (the published settings) with BENCHMARK's weight, or without it when `published`; `overrides` on top."""
-    if name == "l2":
-        raise ValueError("the L2 is mtpd.feature_loss, not a mechanism module: pass mechanisms=None to it")
+def make(name, channels, **overrides):
+    """The mechanism `name` for a level of `channels` channels: published defaults, BENCHMARK's weight."""
     if name not in MECHANISMS:
         raise ValueError(f"unknown mechanism '{name}'; known: {', '.join(MECHANISMS)}")
-    kw = {} if published else {"weight": BENCHMARK[name]}
-    kw.update(overrides)
-    return MECHANISMS[name](channels, **kw)
+    return MECHANISMS[name](channels, **{"weight": BENCHMARK[name], **overrides})

@@ -1,12 +1,27 @@
-"""Tests of mechanisms.py against values computed by hand on tiny tensors (CPU, well under a second each).
+"""Tests of mechanisms.py against values computed by hand on tiny tensors (CPU, well under a second each),
+then a mechanism in engine's distillation step (about a second) and in `train.py distill` (slow: seconds).
 Run: python -m pytest -q test_mechanisms.py"""
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
+import engine
 import mechanisms as M
+import train
+from conftest import cli, tiny_detector
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny maps gain nothing from a second thread, and on a busy machine threads that wait on each other
+    made this file ten times slower (70 s instead of 7 on 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _pair(shape=(2, 3, 4, 5), seed=0):
@@ -165,16 +180,14 @@ def test_pkd_is_one_minus_pearson_r():
 def test_gradient_reaches_student_and_mechanism_never_teacher(name):
     torch.manual_seed(0)
     teacher = nn.Conv2d(3, 8, 3, padding=1)
-    images = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():  # there is no backpropagation through the teacher
-        ft = teacher(images)
+    ft = teacher(torch.randn(2, 3, 8, 8))  # no torch.no_grad(): ft carries a graph the mechanism must cut
     fs = torch.randn(2, 8, 8, 8, requires_grad=True)
     mech = M.make(name, 8)
     loss = mech(fs, ft, [torch.tensor([[8.0, 8.0, 40.0, 24.0]]), torch.zeros(0, 4)], 8)
     loss.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert fs.grad is not None and fs.grad.abs().sum() > 0
-    assert not ft.requires_grad and all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
     params = dict(mech.named_parameters())
     if name in ("cwd", "pkd"):
         assert not params
@@ -183,16 +196,6 @@ def test_gradient_reaches_student_and_mechanism_never_teacher(name):
     else:  # fgd: the GcBlocks' last convs start at zero, so only they get gradient at first
         for gc in (mech.gc_student, mech.gc_teacher):
             assert gc.transform[-1].weight.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("name", list(M.MECHANISMS))
-def test_teacher_is_detached_even_when_the_caller_forgets(name):
-    torch.manual_seed(0)
-    teacher = nn.Conv2d(3, 8, 3, padding=1)
-    ft = teacher(torch.randn(2, 3, 8, 8))  # no torch.no_grad(): ft carries a graph into the teacher
-    fs = torch.randn(2, 8, 8, 8, requires_grad=True)
-    M.make(name, 8)(fs, ft, [torch.tensor([[8.0, 8.0, 40.0, 24.0]])] * 2, 8).backward()
-    assert all(p.grad is None for p in teacher.parameters())
 
 
 @pytest.mark.parametrize("name", list(M.MECHANISMS))
@@ -215,7 +218,7 @@ def test_float32_under_bf16_autocast(name):
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)  # no op (conv included) ran in bf16
 
 
-def test_make_published_and_benchmark_settings():
+def test_class_defaults_are_published_and_make_applies_the_benchmark_weight():
     # The published RetinaNet settings, as the classes' docstrings give them (the papers, the authors' code)
     published = {"cwd": dict(tau=1.0, weight=5.0),
                  "fgd": dict(temp=0.5, alpha=1e-3, beta=5e-4, gamma=5e-4, lam=5e-6, weight=1.0),
@@ -223,66 +226,101 @@ def test_make_published_and_benchmark_settings():
                  "pkd": dict(weight=10.0)}
     assert set(published) == set(M.MECHANISMS) == set(M.BENCHMARK) == set(M.NAMES) - {"l2"}
     for name, settings in published.items():
-        pub, bench = M.make(name, 8, published=True), M.make(name, 8)
+        pub, bench = M.MECHANISMS[name](8), M.make(name, 8)
+        assert type(bench) is M.MECHANISMS[name]
         for key, value in settings.items():
             assert getattr(pub, key) == value, (name, key)
             assert getattr(bench, key) == (M.BENCHMARK[name] if key == "weight" else value), (name, key)
         assert bench.weight != pub.weight  # BENCHMARK retunes the weight only
-    assert M.make("mgd", 8, mask_ratio=0.45, alpha=5e-7).mask_ratio == 0.45  # overrides on top
-    assert M.make("pkd", 8, published=True, weight=3.0).weight == 3.0
-    with pytest.raises(ValueError, match="unknown mechanism"):
-        M.make("at", 8)
-    with pytest.raises(ValueError, match="mtpd.feature_loss"):  # the L2 is no module here
-        M.make("l2", 8)
+    mgd = M.make("mgd", 8, mask_ratio=0.45, alpha=5e-7)  # overrides on top, the weight still BENCHMARK's
+    assert (mgd.mask_ratio, mgd.alpha, mgd.weight) == (0.45, 5e-7, M.BENCHMARK["mgd"])
+    assert M.make("pkd", 8, weight=3.0).weight == 3.0
+    assert M.make("fgd", 6).gc_student.context.in_channels == 6  # `channels` sizes the learnable parts
+    for name in ("at", "l2"):  # the L2 is mtpd.feature_loss, no module
+        with pytest.raises(ValueError, match="unknown mechanism"):
+            M.make(name, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # In the training engine and the CLI
 # ---------------------------------------------------------------------------------------------------------
-def test_boxes_reach_fgd_in_the_teachers_input_frame():
-    """FGD's masks are boxes / stride in the teacher's padded input: a 0.5x model sees boxes halved."""
-    import engine
-    from conftest import tiny_batch, tiny_detector
-    images, targets = tiny_batch(2, size=64)
-    half, full = tiny_detector(scale=0.5).eval(), tiny_detector(scale=1.0).eval()
-    assert torch.allclose(engine.input_boxes(full, images, targets)[0], targets[0]["boxes"])
-    assert torch.allclose(engine.input_boxes(half, images, targets)[0], targets[0]["boxes"] / 2)
-
-
 @pytest.mark.parametrize("name", ["fgd", "mgd"])
-def test_distilled_step_trains_student_adapters_and_mechanism_not_teacher(name):
-    import engine
-    import mtpd
-    from conftest import tiny_batch, tiny_detector
-    torch.manual_seed(0)
-    student, teacher = tiny_detector(scale=0.5), tiny_detector(fpn_channels=32 if name == "mgd" else 16)
-    images, targets = tiny_batch(2)
-    adapters, mechs = engine.stage_adapters(student, [teacher], images, name)
-    assert mechs is not None and set(mechs[0]) == set(adapters[0])
-    step = engine.Distilled(student, [mtpd.freeze(teacher)], adapters, 1.0, mechs)
-    losses = step(images, targets)
-    assert losses["distill"] > 0
-    losses["distill"].backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mechs[0].parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    assert engine.stage_adapters(student, [teacher], images, "l2")[1] is None  # the L2 needs no modules
+def test_distillation_step_trains_student_adapters_and_mechanism_not_teacher(name, shapes):
+    """engine.setup makes one mechanism per adapter (the teacher's width) and optimises it with the student;
+    engine.step's 'distill' is the sum of the mechanisms' losses, each of which reaches the student; FGD
+    gets the boxes in the teacher's input frame (a 2x teacher: twice the data's), the teacher never moves."""
+    cpu = torch.device("cpu")
+    loader = engine.loaders(shapes[0], 2, 0, False, cpu)[0]
+    student = tiny_detector(scale=0.5)  # 32-px input, 16 channels
+    teacher = tiny_detector(scale=2.0, fpn_channels=32)  # 128-px input: 1x1-conv and resizing adapters
+    recipe = dict(train.RECIPE, precision="fp32", lam=1.0, normalize=True, resume=False)
+    st = engine.setup(student, loader, 1, cpu, 0, recipe, [teacher], name)
+    (adapters,), (mechs,) = st.adapters, st.mechs
+    assert set(mechs) == set(adapters) == {"8", "16", "32", "64", "128"}
+    assert all(type(m) is M.MECHANISMS[name] and m.weight == M.BENCHMARK[name] for m in mechs.values())
+    assert st.boxes is (engine.input_boxes if name == "fgd" else None)
+    in_opt = {id(p) for p in st.params}
+    trained = [*adapters.parameters(), *mechs.parameters()]
+    assert len(trained) > len(list(adapters.parameters())) > 0 and all(id(p) in in_opt for p in trained)
+    assert not any(id(p) in in_opt for p in teacher.parameters())
+
+    calls = []
+
+    def spy(mech, args, out):  # args: (phi(F_S), F_T, boxes, stride); the loss's gradient in a student conv
+        g, = torch.autograd.grad(out, student.backbone.body.conv1.weight, retain_graph=True)
+        calls.append(dict(fs=args[0].shape, ft=args[1].shape, boxes=args[2], stride=args[3], loss=out.item(),
+                          grad=g.abs().sum().item()))
+
+    for m in mechs.values():
+        m.register_forward_hook(spy)
+    images, targets = next(iter(loader))
+    before = {k: v.clone() for k, v in [*adapters.state_dict().items(), *mechs.state_dict().items()]}
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    losses, levels = engine.step(st, images, targets, recipe)
+    st.hooks.remove()
+
+    assert sorted(c["stride"] for c in calls) == [8, 16, 32, 64, 128]
+    assert all(c["fs"] == c["ft"] and c["ft"][1] == 32 for c in calls)  # adapted onto the teacher's maps
+    assert losses["distill"].item() == pytest.approx(sum(c["loss"] for c in calls), rel=1e-5)
+    assert all(c["loss"] > 0 for c in calls)
+    assert {s: v.item() for s, v in levels.items()} == pytest.approx({c["stride"]: c["loss"] for c in calls})
+    assert sum(c["grad"] for c in calls) > 0  # MGD may mask a 1x1 level out entirely, FGD never
+    assert name == "mgd" or all(c["grad"] > 0 for c in calls)
+    after = {**adapters.state_dict(), **mechs.state_dict()}
+    assert not torch.equal(after["8.proj.weight"], before["8.proj.weight"])  # the adapter trained
+    if name == "fgd":
+        assert all(torch.equal(c["boxes"][i], 2 * t["boxes"]) for c in calls for i, t in enumerate(targets))
+        assert sum(len(t["boxes"]) for t in targets) > 0
+        last = [k for k in before if k.endswith("transform.3.weight")]  # 2 GcBlocks' last convs a level:
+        assert len(last) == 10 and all(not before[k].any() and after[k].any() for k in last)  # 0, trained
+    else:
+        assert all(c["boxes"] is None for c in calls)
+        gen = [k for k in before if k.startswith("8.generation")]
+        assert len(gen) == 4 and all(not torch.equal(after[k], before[k]) for k in gen)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in frozen.items())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
 
 
 @pytest.mark.slow
-def test_distill_cli_mixes_mechanisms_per_stage_and_exports_a_plain_student(zoo, tmp_path):
-    import json
-    from conftest import run_cli
+def test_distill_cli_mixes_mechanisms_per_stage_and_exports_a_plain_student(zoo, tmp_path, capsys):
+    """--keep-order with one mechanism per stage: each stage records its own; the export is stage 2's
+    student alone; resuming with another mechanism, or more mechanisms than stages, stops with code 2."""
     base, root = zoo
     out = tmp_path / "d"
     common = ["distill", "--student", base / "s.pt", "--teachers", base / "t1.pt", base / "t2.pt",
               "--data", root, "--keep-order", "--steps", "2", "--batch", "2"]
-    r = run_cli(*common, "--mechanism", "fgd", "pkd", "--out", out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.load(open(out / "order.json"))["mechanisms"] == ["fgd", "pkd"]
-    sd = torch.load(out / "student.pt", weights_only=True)
+    train.main([*common, "--mechanism", "fgd", "pkd", "--out", out])  # in-process: a fresh one costs 5 s more
+    assert "order: t1 -> t2" in capsys.readouterr().out
+    assert json.load(open(out / "order.json"))["order"] == ["t1", "t2"]
+    made = [engine.read(out / f"stage{i}.pt")["metrics"]["made"] for i in (1, 2)]
+    assert [(m["teachers"], m["mechanism"]) for m in made] == [(["t1.pt"], "fgd"), (["t2.pt"], "pkd")]
+    sd, spec = torch.load(out / "student.pt", weights_only=True), json.load(open(out / "student_spec.json"))
     assert set(sd) == set(torch.load(base / "s.pt", weights_only=True)["model"])  # no adapter or GcBlock
-    r = run_cli(*common, "--mechanism", "cwd", "--resume", "--out", out)  # resuming with another loss
-    assert r.returncode == 2 and "resume with the same" in r.stderr
-    r = run_cli(*common, "--mechanism", "fgd", "pkd", "cwd", "--out", tmp_path / "e")
-    assert r.returncode == 2 and "one per stage" in r.stderr and not (tmp_path / "e" / "stage1.pt").exists()
+    engine.build(spec).load_state_dict(sd)  # strict
+    last = engine.read(out / "stage2.pt")["model"]
+    assert all(torch.equal(v, last[k]) for k, v in sd.items())
+    assert not all(torch.equal(v, sd[k]) for k, v in engine.read(base / "s.pt")["model"].items())
+    code, err = cli(capsys, *common, "--mechanism", "cwd", "--resume", "--out", out)  # resuming, another loss
+    assert code == 2 and "stage1.pt was made otherwise" in err and "'mechanism': 'cwd'" in err
+    code, err = cli(capsys, *common, "--mechanism", "fgd", "pkd", "cwd", "--out", tmp_path / "e")
+    assert code == 2 and "one per teacher" in err and not (tmp_path / "e").exists()
