@@ -66,7 +66,7 @@ def zoo(tmp_path_factory):
 def tiny_run(tmp_path_factory):
     """`python train.py --preset tiny` once, in this process, recording the deepest stack of the project's
     frames that reached the feature loss (what a reader follows). -> (run folder, results, stack, output)."""
-    out, deepest, loss = str(tmp_path_factory.mktemp("tiny") / "run"), [], mtpd.feature_loss
+    out, deepest, loss = str(tmp_path_factory.mktemp("tiny") / "runs" / "tiny"), [], mtpd.feature_loss
     cwd, buf = os.getcwd(), io.StringIO()
 
     def recording(*a, **kw):
@@ -77,9 +77,9 @@ def tiny_run(tmp_path_factory):
 
     mtpd.feature_loss = recording
     try:
-        os.chdir(os.path.dirname(out))  # data/ is written beside the run
+        os.chdir(os.path.dirname(os.path.dirname(out)))  # as `python train.py`: data/ and runs/ in the cwd
         with redirect_stdout(buf):
-            results = train.main(["--preset", "tiny", "--out", out])
+            results = train.main(["--preset", "tiny"])
     finally:
         mtpd.feature_loss = loss
         os.chdir(cwd)

@@ -1,8 +1,6 @@
-"""How a model trains and is scored, in one process or under torchrun: the precision the device computes
-natively, checkpoints, the batches, the training loop of one stage (fresh adapters and optimiser,
-resumable, SIGTERM-safe), the teacher-feature cache, evaluation and the cost matrix. Plain functions;
-the configuration stays in train.py.
-"""
+"""How a model trains and is scored, in one process or under torchrun: precision by hardware, checkpoints,
+the batches, one stage's training loop (resumable, SIGTERM-safe), the teacher-feature cache, evaluation and
+the cost matrix. Plain functions: the configuration stays in train.py."""
 import math
 import os
 import signal
@@ -75,9 +73,7 @@ def choose_precision(device, asked="auto"):
     return "fp32", f"float32: {what} has no native bfloat16, where bf16 runs several times slower"
 
 
-def memory_format(precision):
-    """channels_last under autocast (oneDNN's and the tensor cores' layout); in float32 on a CPU it was
-    slower."""
+def memory_format(precision):  # channels_last under autocast (in float32 on a CPU it was slower)
     return torch.preserve_format if precision == "fp32" else torch.channels_last
 
 
@@ -94,8 +90,7 @@ def build(spec, seed=None):
     return build_detector(**{k: v for k, v in spec.items() if k not in ("label", "category_ids")})
 
 
-def save(path, obj):
-    """An atomic torch.save on rank 0; every rank waits for it."""
+def save(path, obj):  # atomically, on rank 0; every rank waits
     if is_main():
         data.atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
     barrier()
@@ -138,8 +133,7 @@ def load(path, device="cpu"):
 
 # Batches: endless, each a pure function of (seed, iteration), so a resumed run sees the same ones. -------
 class Batches(torch.utils.data.Sampler):
-    """Pass e over this rank's shard of the images (every world-th one) is a permutation seeded by (seed, e);
-    `start`: the first iteration. len() is the number of batches per pass."""
+    """Pass e over this rank's shard (every world-th image) is a permutation seeded by (seed, e)."""
 
     def __init__(self, n, batch, seed=0, start=0):
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed() else (1, 0)
@@ -206,10 +200,8 @@ def lr_at(step, steps, recipe):
 
 def setup(model, loader, steps, device, seed, recipe, teachers=(), mechanism="l2", inherit_first=False,
           desc="train"):
-    """A stage's setup, in the order that fixes its random numbers: the seed, the models on the device,
-    inheriting the first teacher's neck and head, fresh adapters and mechanism modules (§3.1, §3.4), one
-    fresh AdamW and LR schedule for them and the student (§3.2), the student's hooked features, the teachers'
-    caches. -> a namespace of them."""
+    """A stage's setup, in the order that fixes its random numbers: inheriting, fresh adapters and mechanism
+    modules (§3.1, §3.4), a fresh AdamW and LR schedule (§3.2), the hooked features. -> a namespace."""
     torch.manual_seed(seed + (dist.get_rank() if distributed() else 0))  # augmentation differs per rank
     loader.batch_sampler.seed, loader.batch_sampler.start = seed, 0
     fmt = memory_format(recipe["precision"])
@@ -245,13 +237,8 @@ def setup(model, loader, steps, device, seed, recipe, teachers=(), mechanism="l2
         mechs=list(mechs) if mechanism != "l2" else None, run={"step": 0, "distill_share_start": None},
         caches=[_caches.setdefault((t.source, ds.root, ds.split, *where), {})
                 if hasattr(t, "source") and ds.one_size() else None for t in teachers],
-        boxes=input_boxes if mechanism == "fgd" else None,
+        boxes=mechanisms.input_boxes if mechanism == "fgd" else None,
         scaler=torch.amp.GradScaler(device.type) if recipe["precision"] == "fp16" else None)
-
-
-def input_boxes(teacher, images, targets):
-    """The targets' boxes in the frame of the teacher's padded input (FGD's masks)."""
-    return [t["boxes"] for t in teacher.transform(images, [{"boxes": t["boxes"]} for t in targets])[1]]
 
 
 def train(model, loader, steps, device, seed, recipe, teachers=(), *, state=None, log=None, desc="train",
@@ -264,8 +251,8 @@ def train(model, loader, steps, device, seed, recipe, teachers=(), *, state=None
     if recipe["resume"] and state and os.path.isfile(state):
         ck = read(state)
         if ck.get("made") != recipe.get("made"):
-            fail(f"{state} was started otherwise ({ck.get('made')}; now {recipe.get('made')}): resume it with "
-                 "the same flags, or delete it to start again")
+            fail(f"{state} was started otherwise ({ck.get('made')}; now {recipe.get('made')}): resume it "
+                 "with the same flags, or delete it to start again")
         for obj, key in ((model, "model"), (st.extra, "extra"), (st.opt, "optimizer"),
                          (st.sched, "scheduler"), (st.scaler, "scaler")):
             if obj is not None:
@@ -310,8 +297,7 @@ def train(model, loader, steps, device, seed, recipe, teachers=(), *, state=None
 
 
 def step(st, images, targets, recipe):
-    """One optimisation step under the precision's autocast, gradients clipped at recipe['clip']. ->
-    (the loss dict, the feature loss per stride), still on the device."""
+    """One step under the precision's autocast, clipped. -> (losses, the feature loss per stride)."""
     levels = {}
     with autocast(images[0].device, recipe["precision"]):
         if st.teachers:
@@ -356,8 +342,7 @@ def log_losses(losses, levels, i, run, desc, log, lam):
 
 
 def save_state(path, st, desc, made):
-    """The whole state after iteration run['step'], never over a good one with non-finite weights; every
-    rank's RNG state, so that each resumes its own augmentation."""
+    """The whole state, every rank's RNG included; never non-finite weights over a good state."""
     if not all(bool(torch.isfinite(p).all()) for p in st.params):
         fail(f"non-finite weights after iteration {st.run['step'] - 1} of {desc}; stopped, {path} is kept")
     rng = [torch.get_rng_state()] * (dist.get_world_size() if distributed() else 1)
@@ -382,9 +367,8 @@ def evaluate(model, loader, device, precision="fp32"):
 
 @torch.no_grad()
 def cost_matrix(models, dataset, n_images, device, batch=8):
-    """d(a -> b) for every ordered pair of `models` ({label: model}) (§3.2): the first half of the first
-    n_images training images (file order, unflipped) fits the maps, the second half scores them; one
-    forward of each model per batch, in float32, on rank 0. The models are left in the modes they had."""
+    """d(a -> b) for every ordered pair of `models` {label: model} (§3.2): the first half of n_images
+    training images fits the maps, the second scores them; float32, on rank 0; the modes left as they were."""
     n = min(n_images, len(dataset))
     if n < 2:
         fail(f"adaptation costs need at least 2 training images (one to fit, one held out), got {n}")

@@ -96,6 +96,11 @@ def fgd_attention(x, temp):
     return spatial, channel
 
 
+def input_boxes(teacher, images, targets):
+    """The targets' boxes in the frame of the teacher's padded input: what FGD's masks need."""
+    return [t["boxes"] for t in teacher.transform(images, [{"boxes": t["boxes"]} for t in targets])[1]]
+
+
 class FGD(nn.Module):
     """FGD: squared errors weighted by the teacher's spatial and channel attention, summed over the
     foreground and background masks (fg, bg); an attention loss sum |A^S - A^T| / N; a global loss between

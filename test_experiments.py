@@ -34,7 +34,7 @@ def run(tiny_run, tmp_path_factory):
     src = tiny_run[0]
     dst = tmp_path_factory.mktemp("exp") / "run"
     shutil.copytree(src, dst)
-    shutil.copytree(os.path.join(os.path.dirname(src), "data"), dst.parent / "data")
+    shutil.copytree(os.path.join(os.path.dirname(os.path.dirname(src)), "data"), dst.parent / "data")
     res = json.load(open(dst / "results.json"))
     res["pool"] = str(dst / "ckpt")
     (dst / "results.json").write_text(json.dumps(res))

@@ -42,9 +42,8 @@ def model(label, name, scale, steps=None, **build):  # a preset's model; build: 
 
 SMALL = dict(fpn_channels=128, head_convs=2)  # a light RetinaNet: at 128 px its head dominates the step
 GN = dict(SMALL, head_gn=True)  # GroupNorm heads: from scratch the student converges in fewer iterations
-# The built-in runs (RESULTS.md has what each gave): the images, the student, its schedule, the stages'
-# length (a paper stage is as long as the student's schedule; the default's half of it, for time) and the
-# teacher pool, trained once from scratch. tiny: every step in about a minute, for the tests.
+# The built-in runs (RESULTS.md has what each gave): the images, the student and its schedule, the stages'
+# length (the paper's: the student's schedule; the default's: half, for time), the teacher pool. tiny: tests.
 PRESETS = {
     "tiny": dict(n_train=48, n_val=24, size=64, lr=1e-3, cost_images=16, student_steps=30, stage_steps=12,
                  student=model("student", "retinanet_r18", 0.5, **SMALL),
@@ -124,9 +123,8 @@ def table(rows):
 
 # Training a model: one row of Table 3, one stage, or `train`. ---------------------------------------------
 def fit(args, path, spec, model, root, steps, seed, teachers=(), inherit=False, mechanism="l2", init=None):
-    """Train `model` for `steps` iterations (engine.train; with teachers, distil it), evaluate it and save
-    it to `path` with its metrics and how it was made; a checkpoint made the same way is reused, and one
-    made otherwise refused. teachers: checkpoint paths. -> the metrics."""
+    """Train `model` (engine.train; with teachers' checkpoints, distil it), evaluate it, save it to `path`
+    with how it was made; a checkpoint made the same way is reused, one made otherwise refused. -> metrics."""
     made = dict(steps=steps, seed=seed, init=init and os.path.basename(init), lr=args.lr, mechanism=mechanism,
                 precision=args.precision, teachers=[os.path.basename(t) for t in teachers])
     if teachers:  # (`train` has no method flags: it never distils)
@@ -154,7 +152,7 @@ def fit(args, path, spec, model, root, steps, seed, teachers=(), inherit=False, 
 
 
 def jsonl(path):
-    def log(record):
+    def log(record):  # one JSON line per event (rank 0)
         if engine.is_main():
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             with open(path, "a") as f:
@@ -189,11 +187,10 @@ def export(path, out):
 
 # The subcommands. -----------------------------------------------------------------------------------------
 def reproduce(args):
-    """The paper's Table 3 on the built-in benchmark, top to bottom: the off-the-shelf (OTS) student and a
-    teacher pool from scratch; the cost matrix and BGS (§3.2); then, at one budget of len(order) stages,
-    the student trained longer without a teacher (one schedule, and restarted at MTPD's stage boundaries),
-    direct distillation from the last teacher, the ensemble of the order's teachers, and MTPD."""
-    p, out, t0 = PRESETS[args.preset], args.out or os.path.join("runs", args.preset), time.time()
+    """Table 3 on the built-in benchmark: the OTS student and the pool from scratch, the costs and BGS
+    (§3.2), then at one budget `long` (no teacher), `long_restart`, `direct`, `ensemble` and MTPD."""
+    p, t0 = PRESETS[args.preset], time.time()
+    out = args.out = args.out or os.path.join("runs", args.preset)
     pool_dir, ckpts = args.pool or os.path.join(out, "ckpt"), os.path.join(out, "ckpt")
     check_writable(out)
     root = data_root(args, args.preset)
@@ -231,12 +228,11 @@ def reproduce(args):
     last, stages = progressive(args, "mtpd_", ots, order, teacher, ckpts, root)
     runs["mtpd"] = stages[-1]
     export(last, out)
+    settings = {k: getattr(args, k) for k in ("lam", "normalize", "inherit", "k", "stage_steps", "precision")}
     results = dict(preset=args.preset, seed=args.seed, pool=pool_dir, order=order, cost=cost, runs=runs,
-                   teachers={t: m["AP"] for t, m in pool.items()}, stages=[dict(m, teacher=t) for t, m in
-                                                                           zip(order, stages)],
-                   settings=dict(lam=args.lam, normalize=args.normalize, inherit=args.inherit, k=args.k,
-                                 stage_steps=args.stage_steps, student_steps=p["student_steps"],
-                                 precision=args.precision), wall_minutes=round((time.time() - t0) / 60, 2))
+                   teachers={t: m["AP"] for t, m in pool.items()}, settings=settings,
+                   stages=[dict(m, teacher=t) for t, m in zip(order, stages)],
+                   wall_minutes=round((time.time() - t0) / 60, 2))
     data.atomic_write(os.path.join(out, "results.json"), lambda f: json.dump(results, f, indent=1))
     print(f"\n{table(runs)}\n\nmtpd - direct {100 * (runs['mtpd']['AP'] - runs['direct']['AP']):+.1f} AP, "
           f"direct - long {100 * (runs['direct']['AP'] - runs['long']['AP']):+.1f}; "
@@ -282,8 +278,7 @@ def cmd_train(args):
 
 
 def cmd_distill(args):
-    """BGS over fresh adaptation costs (or --keep-order), then one stage per teacher (progressive) into
-    --out/stage<i>.pt; --out/student.pt is the plain student."""
+    """BGS over fresh costs (or --keep-order), one stage per teacher (progressive), the plain student."""
     loaded = [engine.load(p, args.dev) for p in [args.student, *args.teachers]]  # (model, spec, metrics)
     check_models([spec for _, spec, _ in loaded])
     root = data_root(args)
