@@ -26,7 +26,7 @@ def tiny_detector(name="retinanet_r18", scale=1.0, num_classes=8, size=64, **kw)
 def tiny_batch(n=2, size=64):
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
-    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 24.0]]), "labels": torch.tensor([1])} for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 24.0]]), "labels": torch.tensor([1])}] * n
     return images, targets
 
 
@@ -58,7 +58,8 @@ def zoo(tmp_path_factory):
     cats = data.CocoDetection(root, "val", masks=False).category_ids
     for label, name in (("s", "retinanet_r18"), ("t1", "retinanet_r34"), ("t2", "retinanet_r18")):
         spec = engine.make_spec(label, name, 1.0, 64, cats, fpn_channels=16, head_convs=1)
-        engine.save_ckpt(str(base / f"{label}.pt"), engine.build(spec, len(label)), spec, {"AP": 0.1 * len(label)})
+        model = engine.build(spec, len(label))
+        engine.save_ckpt(str(base / f"{label}.pt"), model, spec, {"AP": 0.1 * len(label)})
     return base, root
 
 

@@ -1,8 +1,5 @@
-"""Data: the built-in "shapes" benchmark, written as a COCO-format dataset; a checked COCO-format dataset
-with torchvision's detection contract; COCO evaluation (pycocotools); one-line errors; atomic writes.
-
-Layout (COCO 2017): ROOT/train2017/*.png, ROOT/val2017/*.png, ROOT/annotations/instances_{split}2017.json.
-"""
+"""Data: the built-in "shapes" benchmark, a checked COCO-format dataset (ROOT/{train,val}2017/,
+ROOT/annotations/instances_{train,val}2017.json) with torchvision's detection contract, COCO evaluation."""
 import colorsys
 import contextlib
 import io
@@ -32,8 +29,7 @@ def fail(msg):
 
 
 def atomic_write(path, write, mode="w"):
-    """write(f) fills a temp file beside `path`, flushed and fsynced, which then replaces it: a crash leaves
-    the old file or none, never half of one."""
+    """write(f) fills a fsynced temp file that then replaces `path`: a crash leaves the old file or none."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
@@ -44,18 +40,15 @@ def atomic_write(path, write, mode="w"):
 
 
 # The built-in benchmark: shapes on cluttered, noisy backgrounds. ------------------------------------------
-# Classes differ by outline and a jittered hue; background clutter is weakly saturated, so that a detector
-# trained from scratch on a CPU learns what an object is; small objects and partial occlusion leave a
-# higher-resolution or bigger teacher something to transfer. Category ids are not 1..K, as COCO's.
+# Classes differ by outline and hue; weakly saturated clutter lets a detector trained from scratch on a CPU
+# learn what an object is; small and occluded objects leave a teacher something to transfer. Ids as COCO's.
 SHAPES = {"circle": 1, "triangle": 2, "square": 5, "star": 8, "cross": 9}
-# Circumcircle diameters (px) from three bands, so that COCO's small, medium and large buckets are all
-# populated at 128 px; large shapes may extend past the border (clipped).
+# Circumcircle diameters (px) in three bands: COCO's small, medium and large buckets all populated at 128 px.
 SIZE_BANDS = [(0.45, 10, 36), (0.40, 40, 100), (0.15, 130, 180)]
 MAX_COVER = 0.25  # at most this share of an object's box may be hidden: its amodal box stays predictable
 
 
-def _outline(kind, cx, cy, r, rot):
-    """Polygon [(x, y), ...] of a shape of circumradius r."""
+def _outline(kind, cx, cy, r, rot):  # the polygon [(x, y), ...] of a shape of circumradius r
     if kind == "cross":
         a, b = r * 0.9, r * 0.32
         pts = [(b, a), (b, b), (a, b), (a, -b), (b, -b), (b, -a), (-b, -a), (-b, -b), (-a, -b), (-a, b),
@@ -75,7 +68,6 @@ def _grey(rng):
 
 
 def _background(rng, h, w):
-    """A smooth weakly saturated gradient, soft blobs and thin distractor lines."""
     base = np.array(_grey(rng), np.float32)
     tint = np.array([rng.randint(-40, 40) for _ in range(3)], np.float32)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -145,9 +137,8 @@ def _make_image(rng, h, w, max_objects):
 
 
 def make_shapes(root, n_train=800, n_val=200, size=128, max_objects=6, seed=0, progress=True, sizes=None):
-    """Write the shapes benchmark to `root` in COCO 2017 layout, deterministic from `seed`: amodal polygons
-    with COCO's bbox, area (the polygon's, which COCOeval buckets by) and iscrowd 0. sizes: [(h, w), ...]
-    cycled over each split's images (default: size x size). -> {split: {images, small, medium, large}}."""
+    """The shapes benchmark in COCO's layout, deterministic from `seed`: amodal polygons with their bbox and
+    area. sizes: [(h, w), ...] cycled over the images (default size x size). -> counts by COCO's buckets."""
     if sizes is not None and (not sizes or any(len(s) != 2 or min(s) < 16 for s in sizes)):
         raise ValueError(f"sizes must be a non-empty list of (height, width) of at least 16 px, got {sizes}")
     stats, categories = {}, [{"id": i, "name": n, "supercategory": "shape"} for n, i in SHAPES.items()]
@@ -194,9 +185,8 @@ def _ann_problem(a, images, cats):
 
 
 def read_annotations(path, image_dir):
-    """A COCO instances file as a pycocotools COCO, every problem one InputError naming the file: missing,
-    not JSON, keys missing, duplicate ids, an annotation whose image or category is not listed, a bbox that
-    is not 4 numbers, an RLE of another size, missing images. A missing 'area' comes from the bbox."""
+    """A COCO instances file as a pycocotools COCO, checked: every problem (not JSON, keys or ids missing or
+    repeated, a bad bbox or RLE, images missing) is one InputError naming the file."""
     try:
         with open(path) as f:
             d = json.load(f)
@@ -245,8 +235,7 @@ def ann_mask(segm, h, w):
 
 
 def load_image(path):
-    """[3, H, W] float in 0-1 from an image of any common mode; 16-bit grey is scaled by 1/65535 (PIL's
-    convert('RGB') would clip it at 255)."""
+    """[3, H, W] in 0-1 from any common mode; 16-bit grey scaled by 1/65535 (convert('RGB') would clip it)."""
     try:
         with Image.open(path) as img:
             if img.mode.startswith("I"):
@@ -327,8 +316,7 @@ SUMMARY_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 
 @torch.no_grad()
 def predict(model, loader, category_ids, device, precision="fp32", progress=False):
-    """COCO-format bbox and segm results of `model` (eval mode, under the precision's autocast; boxes and
-    scores are float32 all the same) over `loader`, labels mapped back to the category ids."""
+    """COCO-format bbox and segm results of `model` over `loader`, with the data's category ids."""
     model.eval()
     bbox, segm = [], []
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):

@@ -1,6 +1,7 @@
 """How a model trains and is scored, in one process or under torchrun: precision by hardware, checkpoints,
 the batches, one stage's training loop (resumable, SIGTERM-safe), the teacher-feature cache, evaluation and
 the cost matrix. Plain functions: the configuration stays in train.py."""
+import functools
 import math
 import os
 import signal
@@ -19,7 +20,6 @@ from models import autocast, build_detector, fpn_features, inherit
 
 # Distributed: under `torchrun` every rank runs this code (RANK, LOCAL_RANK set); else one process. -------
 def init_distributed(device):
-    """Join torchrun's process group, if any. -> this rank's torch.device."""
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA GPU is visible; use --device cpu")
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -140,9 +140,6 @@ class Batches(torch.utils.data.Sampler):
         self.shard, self.batch, self.seed, self.start = torch.arange(rank, n, world), batch, seed, start
         self.per_pass = max(1, len(self.shard) // batch)
 
-    def __len__(self):
-        return self.per_pass
-
     def __iter__(self):
         step = self.start
         while True:
@@ -153,6 +150,7 @@ class Batches(torch.utils.data.Sampler):
             step += 1
 
 
+@functools.lru_cache(maxsize=4)  # a dataset is read once per process (COCO's annotations take a minute)
 def loaders(root, batch, seed, masks, device, workers=0):
     """(the endless training loader, flipped at random; the validation loader)."""
     train = data.CocoDetection(root, "train", flip=True, masks=masks)
@@ -191,8 +189,7 @@ def teacher_features(teacher, images, targets, precision, cache=None, limit=2 * 
 
 
 # Training: one loop for a plain run, a progressive stage (one teacher) and the ensemble (several). -------
-def lr_at(step, steps, recipe):
-    """Linear warm-up, constant, then x drop from drop_at of the run on (decaying early hurt from scratch)."""
+def lr_at(step, steps, recipe):  # linear warm-up, constant, x drop from drop_at on (early decay hurt)
     if step < recipe["warmup"]:
         return (step + 1) / recipe["warmup"]
     return recipe["drop"] if step >= recipe["drop_at"] * steps else 1.0
@@ -224,10 +221,7 @@ def setup(model, loader, steps, device, seed, recipe, teachers=(), mechanism="l2
                          for a in adapters)
     extra = torch.nn.ModuleList([adapters, mechs]).to(device, memory_format=fmt)
     params = [p for p in [*model.parameters(), *extra.parameters()] if p.requires_grad]
-    try:
-        opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], fused=True)
-    except RuntimeError:  # a device without the fused kernel
-        opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], fused=True)
     ds, where = loader.dataset, (str(device), recipe["precision"])
     feats, hooks = mtpd.capture_features(model.backbone, model.transform) if teachers else (None, None)
     return SimpleNamespace(

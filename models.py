@@ -26,13 +26,10 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from mtpd import eval_mode, stride_keyed
 
-BODIES = {  # name -> (constructor, widths of C2..C5)
-    "r18": (resnet.resnet18, [64, 128, 256, 512]), "r34": (resnet.resnet34, [64, 128, 256, 512]),
-    "r50": (resnet.resnet50, [256, 512, 1024, 2048]), "r101": (resnet.resnet101, [256, 512, 1024, 2048]),
-    "x101": (resnet.resnext101_32x8d, [256, 512, 1024, 2048]),
-    "swin_t": (swin_transformer.swin_t, [96, 192, 384, 768]),
-    "swin_s": (swin_transformer.swin_s, [96, 192, 384, 768]),
-}
+NARROW, WIDE, SWIN = [64, 128, 256, 512], [256, 512, 1024, 2048], [96, 192, 384, 768]  # C2..C5 widths
+BODIES = {"r18": (resnet.resnet18, NARROW), "r34": (resnet.resnet34, NARROW), "r50": (resnet.resnet50, WIDE),
+          "r101": (resnet.resnet101, WIDE), "x101": (resnet.resnext101_32x8d, WIDE),
+          "swin_t": (swin_transformer.swin_t, SWIN), "swin_s": (swin_transformer.swin_s, SWIN)}
 TORCHVISION = {  # ours -> torchvision's builder, at the default widths (256-channel FPN, 4 head convs)
     "retinanet_r50": "retinanet_resnet50_fpn", "retinanet_r50_v2": "retinanet_resnet50_fpn_v2",
     "fcos_r50": "fcos_resnet50_fpn", "fasterrcnn_r50": "fasterrcnn_resnet50_fpn",
@@ -63,15 +60,13 @@ def _float32(x):
 
 
 def float32_outputs(module, args, output):
-    """Forward hook on the modules whose outputs are decoded into boxes, scores and masks: their outputs in
-    float32. torchvision's box coders cast the anchors to the regression's dtype, so under bf16 autocast
-    the decoded boxes would sit on a 4-px grid at 512-1024 px."""
+    """A hook: the outputs decoded into boxes, scores, masks in float32 (torchvision's box coders cast the
+    anchors to their dtype: under bf16 the boxes would sit on a 4-px grid at 512-1024 px)."""
     return _float32(output)
 
 
 class Float32Anchors(AnchorGenerator):
-    """Anchors in float32 under autocast (torchvision takes the feature maps' dtype: bf16 puts them ~1 px
-    off at 256 px); only the maps' sizes are read, so empty float32 stand-ins are passed."""
+    """Anchors in float32 under autocast (torchvision takes the maps' dtype: bf16 is ~1 px off at 256 px)."""
 
     def forward(self, image_list, feature_maps):
         return super().forward(image_list, [f.new_empty((1, 1, *f.shape[-2:]), dtype=torch.float32)
@@ -79,8 +74,7 @@ class Float32Anchors(AnchorGenerator):
 
 
 class Float32P6P7(LastLevelP6P7):
-    """P6/P7 in float32 under autocast: oneDNN's bf16 convolution backward gave NaN weight gradients on 1x1
-    maps (a RetinaNet at 64 px). A few cells: float32 costs nothing there."""
+    """P6/P7 in float32 under autocast: oneDNN's bf16 backward gave NaN gradients on their 1x1 maps."""
 
     def forward(self, p, c, names):
         device = p[-1].device.type
@@ -91,8 +85,7 @@ class Float32P6P7(LastLevelP6P7):
 
 
 class FrozenBN(FrozenBatchNorm2d):
-    """FrozenBatchNorm2d that keeps BatchNorm2d's num_batches_tracked: the same state_dict keys built for
-    fine-tuning or from scratch (a file without the key still loads)."""
+    """FrozenBatchNorm2d with num_batches_tracked: one state_dict, built for weights or from scratch."""
 
     def __init__(self, num_features, eps=1e-5):
         super().__init__(num_features, eps)
@@ -104,8 +97,7 @@ class FrozenBN(FrozenBatchNorm2d):
 
 
 class SwinFPN(nn.Module):
-    """Swin stages -> FPN (torchvision's Swin returns NHWC maps). x [N, 3, H, W] -> OrderedDict of
-    [N, C, H/s, W/s] for the chosen stages (stage i at stride 2^(i+1)) and the extra levels."""
+    """Swin's stages (NHWC) -> an FPN: x [N, 3, H, W] -> OrderedDict of [N, C, h, w], stage i at 2^(i+1)."""
 
     def __init__(self, swin, channels, stages, out_channels, extra_blocks):
         super().__init__()
@@ -122,7 +114,6 @@ class SwinFPN(nn.Module):
 
 
 def _backbone(body, width, stages, extra, zero_init_residual, pretrained, v2, two_stage):
-    """Body + FPN over stages 1..4 (C2..C5), named as torchvision's _resnet_fpn_extractor."""
     make, channels = BODIES[body]
     if body.startswith("swin"):
         return SwinFPN(make(weights=None), channels, stages, width, extra)
@@ -134,10 +125,6 @@ def _backbone(body, width, stages, extra, zero_init_residual, pretrained, v2, tw
     return BackboneWithFPN(net, {f"layer{s}": str(i) for i, s in enumerate(stages)},
                            [channels[s - 1] for s in stages], width, extra_blocks=extra,
                            norm_layer=nn.BatchNorm2d if v2 and two_stage else None)
-
-
-def _group_norm(channels):
-    return partial(nn.GroupNorm, math.gcd(32, channels))
 
 
 def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fpn_channels=256, head_convs=4,
@@ -156,12 +143,13 @@ def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fp
         stages, extra = [2, 3, 4], Float32P6P7(BODIES[body][1][-1] if v2 else fpn_channels, fpn_channels)
     backbone = _backbone(body, fpn_channels, stages, extra, zero_init_residual, pretrained, v2, two_stage)
     sizes = [int(anchor_base * scale * 2 ** i) for i in range(5)]
+    gn = partial(nn.GroupNorm, math.gcd(32, fpn_channels))  # torchvision's 32 groups, fewer if narrower
     kw = dict(min_size=round(min_size * scale), max_size=round(max_size * scale))
     if kind == "retinanet":
         kw["anchor_generator"] = Float32Anchors(tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3)))
                                                       for s in sizes), ((0.5, 1.0, 2.0),) * 5)
         head = RetinaNetHead(fpn_channels, 9, num_classes,
-                             norm_layer=_group_norm(fpn_channels) if v2 or head_gn else None)
+                             norm_layer=gn if v2 or head_gn else None)
         for sub in (head.classification_head, head.regression_head):
             sub.conv = sub.conv[:head_convs]  # a lighter head: it dominates the step on small images
         if v2:
@@ -170,7 +158,6 @@ def build_detector(name, num_classes, scale=1.0, min_size=800, max_size=1333, fp
     elif kind == "fcos":  # one anchor per location; the centre-sampling radius stays 1.5 strides
         r = anchor_base * scale / 32
         kw["anchor_generator"] = Float32Anchors(tuple((8 * r * 2 ** i,) for i in range(5)), ((1.0,),) * 5)
-        gn = _group_norm(fpn_channels)
         head = FCOSHead(fpn_channels, 1, num_classes, num_convs=0)
         head.classification_head = FCOSClassificationHead(fpn_channels, 1, num_classes, head_convs,
                                                           norm_layer=gn)
@@ -240,7 +227,7 @@ def inherit(student, teacher, images):
 
 # Weights: torchvision's COCO / ImageNet weights by name (torch hub's cache, else downloaded), or a file. --
 def read_weights(source):
-    """(state_dict, where) of torchvision's weights by name, or of a file (a state_dict or mtpd checkpoint)."""
+    """(state_dict, where) of torchvision's weights by name, or of a file (state_dict or mtpd checkpoint)."""
     path = source
     if not os.path.isfile(source):
         try:

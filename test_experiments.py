@@ -46,7 +46,7 @@ def test_orders_fig4_premise_and_report_on_the_tiny_run(run):
     res = json.load(open(run / "results.json"))
     for script, argv in (("orders.py", []), ("fig4.py", ["--mechanisms", "pkd"]), ("premise.py", []),
                          ("generalization.py", ["--batches", 1, "--points", 3, "--directions", 1]),
-                         ("report.py", [])):
+                         ("cache.py", []), ("report.py", [])):
         r = run_cli(run, *argv, script=os.path.join("experiments", script), cwd=run.parent)
         assert r.returncode == 0, (script, r.stderr[-2000:])
     orders = json.load(open(run / "orders.json"))
@@ -63,6 +63,8 @@ def test_orders_fig4_premise_and_report_on_the_tiny_run(run):
     assert [p["stage"] for p in gen["generalization"]["mtpd"]] == list(range(n + 1))
     assert gen["generalization"]["mtpd"][-1]["AP"] == res["runs"]["mtpd"]["AP"]
     assert set(gen["flatness"]) == {"long", "mtpd"}
+    cache = json.load(open(run / "cache.json"))
+    assert set(cache) == {"cached", "teacher at every step"} and all(r["minutes"] > 0 for r in cache.values())
     report = (run / "report.md").read_text()
     assert "## Table 3" in report and "Table 2: every order" in report and "Fig. 4" in report
 
@@ -79,7 +81,8 @@ def test_gpu_check_tiny_on_a_cpu_and_bench_write_their_ratios(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     g = json.load(open(tmp_path / "g.json"))
     assert g["fp32"]["images_per_s"] > 0 and g["speedup"] > 0 and g["low"] in ("bf16", "fp16")
-    r = run_cli("--size", 64, "--repeats", 1, "--out", tmp_path / "b.json", script=os.path.join("experiments", "bench.py"))
+    r = run_cli("--size", 64, "--repeats", 1, "--out", tmp_path / "b.json",
+                script=os.path.join("experiments", "bench.py"))
     assert r.returncode == 0, r.stderr[-2000:]
     b = json.load(open(tmp_path / "b.json"))
     keys = ["precision_gain_train_student", "precision_gain_eval_teacher", "distill_vs_student_forward",

@@ -258,7 +258,7 @@ def test_distillation_step_trains_student_adapters_and_mechanism_not_teacher(nam
     (adapters,), (mechs,) = st.adapters, st.mechs
     assert set(mechs) == set(adapters) == {"8", "16", "32", "64", "128"}
     assert all(type(m) is M.MECHANISMS[name] and m.weight == M.BENCHMARK[name] for m in mechs.values())
-    assert st.boxes is (mechanisms.input_boxes if name == "fgd" else None)
+    assert st.boxes is (M.input_boxes if name == "fgd" else None)
     in_opt = {id(p) for p in st.params}
     trained = [*adapters.parameters(), *mechs.parameters()]
     assert len(trained) > len(list(adapters.parameters())) > 0 and all(id(p) in in_opt for p in trained)

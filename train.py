@@ -6,7 +6,6 @@ model's training (fit) and the progressive loop; Table 3 (`python train.py`); th
     python train.py distill --student runs/student/model.pt --teachers a.pt b.pt --data ROOT --out runs/mtpd
 """
 import argparse
-import functools
 import json
 import os
 import sys
@@ -67,8 +66,7 @@ PRESETS["converged"] = dict(PRESETS["default"], student_steps=5000, stage_steps=
 
 
 # Data, models and checks. ---------------------------------------------------------------------------------
-def data_root(args, preset="default"):
-    """--data, or the built-in benchmark (data/shapes<size>_<n>, written once)."""
+def data_root(args, preset="default"):  # --data, or the built-in benchmark (written once)
     if getattr(args, "data", None):
         if not os.path.isfile(os.path.join(args.data, "annotations", "instances_val2017.json")):
             fail(f"no COCO-format data at {args.data}: expected annotations/instances_{{train,val}}2017.json "
@@ -83,18 +81,12 @@ def data_root(args, preset="default"):
     return root
 
 
-@functools.lru_cache(maxsize=4)  # a dataset is read once per process (COCO's annotations take a minute)
-def loaders(root, masks, batch, seed, device, workers):
-    return engine.loaders(root, batch, seed, masks, device, workers)
-
-
-def loaders_for(args, root, name):
+def loaders_for(args, root, name):  # (train, val) loaders for a model `name` (masks for a Mask R-CNN)
     workers = args.workers if args.workers >= 0 else (4 if args.dev.type == "cuda" else 0)
-    return loaders(root, name.startswith("maskrcnn"), args.batch, args.seed, args.dev, workers)
+    return engine.loaders(root, args.batch, args.seed, name.startswith("maskrcnn"), args.dev, workers)
 
 
-def check_writable(out):
-    """Fail before any work when `out` cannot be created or written (nothing is created here)."""
+def check_writable(out):  # before any work: `out` can be written (nothing is created here)
     path = os.path.abspath(out)
     while not os.path.exists(path):
         path = os.path.dirname(path)
@@ -161,10 +153,9 @@ def jsonl(path):
 
 
 def progressive(args, prefix, student, order, teachers, out, root, mechanisms=None):
-    """MTPD (§3.2): one stage per teacher of `order`, each from the student the last stage left (a
-    checkpoint) with fresh adapters and a fresh optimiser and schedule; stage 1 inherits with --inherit.
-    teachers: {label: checkpoint}, or None for the same schedule without a teacher; mechanisms: one per
-    stage (§3.4; default the L2). -> (the last checkpoint, [each stage's metrics])."""
+    """MTPD (§3.2): one stage per teacher of `order`, each from the student checkpoint the last one left,
+    with fresh adapters and optimiser. teachers: {label: checkpoint}, or None (the same schedule without);
+    mechanisms: one per stage (§3.4; default the L2). -> (the last checkpoint, [each stage's metrics])."""
     stages = []
     for i, teacher in enumerate(order):
         path = os.path.join(out, f"{prefix}stage{i + 1}.pt")
@@ -246,12 +237,10 @@ def cmd_train(args):
     root = data_root(args)
     check_writable(args.out)
     ds = loaders_for(args, root, args.model)[0].dataset
-    if args.weights and not os.path.isfile(args.weights):  # torchvision's weights: its sizes
-        off = {k: v for k in TORCHVISION_SIZES if (v := getattr(args, k)) and v != TORCHVISION_SIZES[k]}
-        if off:
-            k, v = next(iter(off.items()))
-            fail(f"--{k.replace('_', '-')} {v} conflicts with {args.weights}, trained with torchvision's "
-                 f"{TORCHVISION_SIZES}; leave it out (or fine-tune from a file)")
+    off = [k for k in TORCHVISION_SIZES if getattr(args, k) not in (0, TORCHVISION_SIZES[k])]
+    if args.weights and not os.path.isfile(args.weights) and off:  # torchvision's weights: its sizes
+        fail(f"--{off[0].replace('_', '-')} {getattr(args, off[0])} conflicts with {args.weights}, trained "
+             f"with torchvision's {TORCHVISION_SIZES}; leave it out (or fine-tune from a file)")
     defaults = TORCHVISION_SIZES if args.data or args.weights else dict(
         min_size=ds.coco.imgs[ds.ids[0]]["height"], max_size=0, anchor_base=0)  # the built-in images' size
     size = {k: getattr(args, k) or v for k, v in defaults.items()}
@@ -265,10 +254,9 @@ def cmd_train(args):
                 names = torchvision.models.get_weight(args.weights).meta["categories"]
             except (ValueError, KeyError, AttributeError):
                 names = []  # a file (or no such weights: load_weights says so)
-            same = names and all(c < len(names) and names[c] == x.get("name")
-                                 for c, x in ds.coco.cats.items())
-            cats = ds.category_ids if same else None
-            print(models.load_weights(net, args.weights, spec["num_classes"], cats))
+            same = all(c < len(names) and names[c] == x.get("name") for c, x in ds.coco.cats.items())
+            ids = ds.category_ids if same else None
+            print(models.load_weights(net, args.weights, spec["num_classes"], ids))
         if args.weights_backbone:
             print(models.load_backbone_weights(net, args.weights_backbone))
     except ValueError as e:
@@ -294,14 +282,11 @@ def cmd_distill(args):
     elif args.keep_order:
         order = list(labels)
     else:
-        cost = engine.cost_matrix({spec["label"]: m for m, spec, _ in loaded},
-                                  data.CocoDetection(root, "train", masks=False), args.images, args.dev)
+        cost, ap = costs(args, loaded, root, os.path.join(args.out, "cost.json"))
         val = loaders_for(args, root, "")[1]
-        ap = {spec["label"]: met.get("AP") or engine.evaluate(m, val, args.dev, args.precision)["AP"]
-              for m, spec, met in loaded[1:]}
+        ap = {spec["label"]: ap[spec["label"]] or engine.evaluate(m, val, args.dev, args.precision)["AP"]
+              for m, spec, _ in loaded[1:]}
         order = mtpd.backward_greedy_selection(cost, loaded[0][1]["label"], ap, args.k)
-        data.atomic_write(os.path.join(args.out, "cost.json"),
-                          lambda f: json.dump({"cost": cost, "ap": ap}, f, indent=1))
     data.atomic_write(order_file, lambda f: json.dump({"order": order}, f))
     print(f"order: {' -> '.join(order)}")
     mechs = args.mechanism * len(order) if len(args.mechanism) == 1 else args.mechanism
@@ -329,16 +314,21 @@ def cmd_eval(args):
                                   lambda f: json.dump(results, f))
 
 
+def costs(args, loaded, root, path):
+    """The adaptation costs of loaded checkpoints (§3.2), written to `path` with their APs. -> (cost, ap)"""
+    cost = engine.cost_matrix({spec["label"]: m for m, spec, _ in loaded},
+                              data.CocoDetection(root, "train", masks=False), args.images, args.dev)
+    ap = {spec["label"]: met.get("AP") for _, spec, met in loaded}
+    data.atomic_write(path, lambda f: json.dump({"cost": cost, "ap": ap}, f, indent=1))
+    return cost, ap
+
+
 def cmd_cost(args):
     loaded = [engine.load(c, args.dev) for c in args.ckpts]
     check_models([spec for _, spec, _ in loaded])
     root = data_root(args)
     check_writable(args.out)
-    cost = engine.cost_matrix({spec["label"]: m for m, spec, _ in loaded},
-                              data.CocoDetection(root, "train", masks=False), args.images, args.dev)
-    ap = {spec["label"]: met.get("AP") for _, spec, met in loaded}
-    data.atomic_write(args.out, lambda f: json.dump({"cost": cost, "ap": ap}, f, indent=1))
-    print(json.dumps(cost, indent=1))
+    print(json.dumps(costs(args, loaded, root, args.out)[0], indent=1))
 
 
 def cmd_order(args):

@@ -47,8 +47,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     auto, why = engine.choose_precision(device)
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-           f"cpu x{torch.get_num_threads()} ({torch.backends.cpu.get_cpu_capability()})", "auto": f"{auto}: {why}"}
+    cpu = f"cpu x{torch.get_num_threads()} ({torch.backends.cpu.get_cpu_capability()})"
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+           "auto": f"{auto}: {why}"}
     with tempfile.TemporaryDirectory() as root:
         data.make_shapes(root, 16, 8, args.size, progress=False)
         loader = engine.loaders(root, 8, 0, False, device)[0]
@@ -83,7 +84,8 @@ def main(argv=None):
         pool = {f"r18@{s}x": model("retinanet_r18", s).eval() for s in (0.5, 0.75, 1.0, 1.25)}
         ds = data.CocoDetection(root, "train", masks=False)
         batches = [[ds[i][0].to(device) for i in range(j, j + 8)] for j in (0, 8)]
-        forwards = torch.no_grad()(lambda: [train.models.fpn_features(m, b) for m in pool.values() for b in batches])
+        forwards = torch.no_grad()(lambda: [train.models.fpn_features(m, b)
+                                            for m in pool.values() for b in batches])
         t = median_times({"cost": lambda: engine.cost_matrix(pool, ds, 16, device), "forwards": forwards},
                          device, max(3, args.repeats // 3))
         out["cost_vs_forwards"] = t["cost"] / t["forwards"]

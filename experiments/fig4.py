@@ -17,10 +17,11 @@ def fig4(args, res, root, teachers, mechs):
     rows = {"l2": {"direct": res["runs"]["direct"]["AP"], "mtpd": res["runs"]["mtpd"]["AP"]}}
     for m in mechs:
         model, spec, _ = train.engine.load(ots, args.dev)
-        direct = train.fit(args, os.path.join(ckpts, f"{m}_direct.pt"), dict(spec, label=f"{m}_direct"), model,
-                           root, args.stage_steps * len(order), args.seed + sum(map(ord, "direct")),
+        direct = train.fit(args, os.path.join(ckpts, f"{m}_direct.pt"), dict(spec, label=f"{m}_direct"),
+                           model, root, args.stage_steps * len(order), args.seed + sum(map(ord, "direct")),
                            [teachers[order[-1]]], args.inherit, m, init=ots)
-        stages = train.progressive(args, f"{m}_mtpd_", ots, order, teachers, ckpts, root, [m] * len(order))[1]
+        stages = train.progressive(args, f"{m}_mtpd_", ots, order, teachers, ckpts, root,
+                                   [m] * len(order))[1]
         rows[m] = {"direct": direct["AP"], "mtpd": stages[-1]["AP"]}
     table = md_table(["mechanism", "direct", "MTPD", "MTPD − direct"],
                      [[m, f"{100 * r['direct']:.1f}", f"{100 * r['mtpd']:.1f}",

@@ -74,13 +74,15 @@ def generalization(args, res, root, teachers, own):
         gen[row] = []
         for i, label in enumerate(labels):
             model, _, metrics = train.engine.load(os.path.join(ckpts, f"{label}.pt"), args.dev)
-            gen[row].append({"stage": i, "AP": metrics["AP"], "det_loss": detection_loss(model, batches, args.dev)})
+            loss = detection_loss(model, batches, args.dev)
+            gen[row].append({"stage": i, "AP": metrics["AP"], "det_loss": loss})
     alphas = torch.linspace(-own.radius, own.radius, own.points).tolist()
     lands = {}
     for row in ("long", "mtpd"):
         model = train.engine.load(os.path.join(ckpts, "long.pt" if row == "long" else f"mtpd_stage{k}.pt"),
                                   args.dev)[0]
-        lands[row] = [curve(model, batches, direction(model, s), alphas, args.dev) for s in range(own.directions)]
+        lands[row] = [curve(model, batches, direction(model, s), alphas, args.dev)
+                      for s in range(own.directions)]
     mid = own.points // 2
     flat = {row: sum((c[0] + c[-1]) / 2 - c[mid] for c in cs) / len(cs) for row, cs in lands.items()}
     table = md_table(["student", "stage", "train detection loss", "val AP"],

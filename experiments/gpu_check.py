@@ -50,7 +50,8 @@ def main(argv=None):
         teacher, students = engine.build(spec, 1), {}
         for p in ("fp32", low):
             students[p] = engine.build(dict(spec, scale=0.5), 0)
-            recipe = dict(train.RECIPE, precision=p, lam=1.0, normalize=True, resume=False, ckpt_every=10 ** 9)
+            recipe = dict(train.RECIPE, precision=p, lam=1.0, normalize=True, resume=False,
+                          ckpt_every=10 ** 9)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -58,19 +59,19 @@ def main(argv=None):
             engine.train(students[p], loader, cfg["steps"], device, 0, recipe, [teacher], desc=p)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
             report[p] = {"images_per_s": cfg["steps"] * cfg["batch"] / (time.perf_counter() - t),
-                         "peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-                         else None}
+                         "peak_mib": peak}
         images = [val.dataset.load(i)[0].to(device) for i in range(len(val.dataset))]
         ref, other = boxes(students["fp32"], images, "fp32"), boxes(students["fp32"], images, low)
     dist = []
-    for r, q in zip(ref, other):  # each float32 box against the low precision's box of its class it overlaps most
+    for r, q in zip(ref, other):  # each float32 box against the low precision's of its class it overlaps most
         if len(r["boxes"]) and len(q["boxes"]):
             iou = box_iou(r["boxes"], q["boxes"]) * (r["labels"][:, None] == q["labels"][None])
             best, j = iou.max(1)
             dist += (r["boxes"][best > 0.9] - q["boxes"][j[best > 0.9]]).abs().amax(1).tolist()
-    report.update(low=low, speedup=report[low]["images_per_s"] / report["fp32"]["images_per_s"], pairs=len(dist),
-                  median_px=float(torch.tensor(dist or [float("nan")]).median()))
+    report.update(low=low, speedup=report[low]["images_per_s"] / report["fp32"]["images_per_s"],
+                  pairs=len(dist), median_px=float(torch.tensor(dist or [float("nan")]).median()))
     data.atomic_write(args.out, lambda f: json.dump(report, f, indent=1))
     print(json.dumps(report, indent=1))
     return report

@@ -28,7 +28,8 @@ def orders(args, res, root, teachers):
     rank = 1 + sum(r["AP"] > next(x["AP"] for x in rows if x["order"] == res["order"]) for r in rows)
     table = md_table(["order", "AP", "AP after each stage"],
                      [[" → ".join(r["order"]) + (" (BGS)" if r["order"] == res["order"] else ""),
-                       f"{100 * r['AP']:.1f}", ", ".join(f"{100 * a:.1f}" for a in r["stage_AP"])] for r in rows])
+                       f"{100 * r['AP']:.1f}", ", ".join(f"{100 * a:.1f}" for a in r["stage_AP"])]
+                      for r in rows])
     write(os.path.join(args.out, "orders"), {"rows": rows, "bgs": res["order"], "bgs_rank": rank},
           f"BGS's order ranks {rank} of {len(rows)}.\n\n{table}")
     return rows

@@ -24,7 +24,8 @@ def premise(args, res, root, teachers):
     long = res["runs"]["long"]["AP"]
     table = md_table(["teacher", "teacher AP", "d(ots → teacher)", "distilled AP", "− long"],
                      [[t, f"{100 * r['teacher_AP']:.1f}", f"{r['cost']:.3f}", f"{100 * r['AP']:.1f}",
-                       f"{100 * (r['AP'] - long):+.1f}"] for t, r in sorted(rows.items(), key=lambda x: x[1]["teacher_AP"])])
+                       f"{100 * (r['AP'] - long):+.1f}"]
+                      for t, r in sorted(rows.items(), key=lambda x: x[1]["teacher_AP"])])
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -19,7 +19,8 @@ def cost_figure(plt, path, cost, chain):
         for j in range(len(names)):
             ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", color="w" if m[i][j] < 0.4 else "k")
     for a, b in zip(chain[:-1], chain[1:]):  # the cells BGS compared along the chosen chain
-        ax.add_patch(plt.Rectangle((names.index(b) - 0.5, names.index(a) - 0.5), 1, 1, fill=False, ec="red", lw=2))
+        xy = (names.index(b) - 0.5, names.index(a) - 0.5)
+        ax.add_patch(plt.Rectangle(xy, 1, 1, fill=False, ec="red", lw=2))
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set(xlabel="target B", ylabel="source A", title="d(A -> B); red: the BGS chain")
@@ -31,7 +32,8 @@ def cost_figure(plt, path, cost, chain):
 def report(run):
     res = json.load(open(os.path.join(run, "results.json")))
     cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    runs = md_table(["run"] + cols, [[n] + [f"{100 * m[c]:.1f}" for c in cols] for n, m in res["runs"].items()])
+    runs = md_table(["run"] + cols, [[n] + [f"{100 * m[c]:.1f}" for c in cols]
+                                     for n, m in res["runs"].items()])
     names, chain = list(res["cost"]), ["ots", *res["order"]]
     cost = md_table(["d(row → col)"] + names, [[a] + [f"{res['cost'][a].get(b, 0):.3f}" for b in names]
                                                 for a in names])
@@ -43,7 +45,8 @@ def report(run):
                                                    for i, s in enumerate(res["stages"])])
     parts = [f"# {res['preset']} preset, seed {res['seed']} ({res['wall_minutes']:.1f} min, "
              f"{res['settings']['precision']})", f"## Table 3\n\n{runs}",
-             f"## Adaptation costs and BGS: {' → '.join(res['order'])}\n\n{cost}", f"## MTPD's stages\n\n{stages}"]
+             f"## Adaptation costs and BGS: {' → '.join(res['order'])}\n\n{cost}",
+             f"## MTPD's stages\n\n{stages}"]
     for name, title in (("orders", "Table 2: every order"), ("fig4", "Fig. 4: other mechanisms"),
                         ("premise", "Fig. 1: the premise"), ("generalization", "§3.5: generalization")):
         if os.path.isfile(os.path.join(run, f"{name}.md")):

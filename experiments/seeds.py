@@ -24,9 +24,11 @@ def aggregate(per):
     """{seed: results.json} -> mean ± std (in AP points) of each row and of each paired gap."""
     runs = [r["runs"] for r in per.values()]
     rows = {name: {c: mean_std([100 * r[name][c] for r in runs]) for c in COLS} for name in runs[0]}
-    gaps = {f"{a} − {b}": {c: mean_std([100 * (r[a][c] - r[b][c]) for r in runs]) for c in COLS} for a, b in GAPS}
+    gaps = {f"{a} − {b}": {c: mean_std([100 * (r[a][c] - r[b][c]) for r in runs]) for c in COLS}
+            for a, b in GAPS}
     return dict(seeds=list(per), orders={s: r["order"] for s, r in per.items()}, rows=rows, gaps=gaps,
-                per_seed={s: {n: round(100 * m["AP"], 1) for n, m in r["runs"].items()} for s, r in per.items()},
+                per_seed={s: {n: round(100 * m["AP"], 1) for n, m in r["runs"].items()}
+                          for s, r in per.items()},
                 wall_minutes={s: r["wall_minutes"] for s, r in per.items()})
 
 
@@ -35,8 +37,8 @@ def markdown(agg):
     body = [[n] + [pm(*v[c]) for c in COLS] for n, v in agg["rows"].items()]
     body += [[f"**{n}**"] + [pm(*v[c], "+") for c in COLS] for n, v in agg["gaps"].items()]
     orders = "; ".join(f"seed {s}: {' → '.join(o)}" for s, o in agg["orders"].items())
-    return (f"Seeds {', '.join(map(str, agg['seeds']))}, mean ± std (the gaps paired per seed). BGS: {orders}.\n\n"
-            + md_table(["run"] + COLS, body))
+    head = f"Seeds {', '.join(map(str, agg['seeds']))}, mean ± std (gaps paired per seed). BGS: {orders}."
+    return f"{head}\n\n" + md_table(["run"] + COLS, body)
 
 
 def main(argv=None):
