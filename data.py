@@ -61,8 +61,7 @@ def _outline(kind, cx, cy, r, rot):  # the polygon [(x, y), ...] of a shape of c
              cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n)) for i in range(n)]
 
 
-def _grey(rng):
-    """A weakly saturated colour for clutter, so that a round blob is not a circle of some class's hue."""
+def _grey(rng):  # a weakly saturated colour for clutter: a round blob is not a circle of a class's hue
     v, s = rng.uniform(0.1, 1.0), rng.uniform(0.0, 0.25)
     return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(rng.random(), s, v))
 
@@ -247,10 +246,9 @@ def load_image(path):
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """(image [3, H, W] in 0-1, target {boxes [N, 4] xyxy, labels [N] in 1..K (the sorted category ids),
-    masks [N, H, W] uint8 with masks=True, image_id, flipped}). flip: a horizontal flip with probability
-    0.5, the only augmentation (the teacher-feature cache relies on it). Crowd regions stay out of the
-    targets (COCOeval reads them); boxes are clipped to the image, and dropped if then under 1 px."""
+    """(image [3, H, W] in 0-1, {boxes [N, 4] xyxy, labels [N] in 1..K (the sorted category ids), masks
+    [N, H, W] with masks=True, image_id, flipped}); flip: the only augmentation (the cache relies on it).
+    Crowds stay out of the targets (COCOeval reads them); boxes are clipped, dropped if under 1 px."""
 
     def __init__(self, root, split, flip=False, masks=True):
         self.root, self.split, self.flip, self.masks = root, split, flip, masks

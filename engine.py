@@ -1,7 +1,9 @@
 """How a model trains and is scored, in one process or under torchrun: precision by hardware, checkpoints,
 the batches, one stage's training loop (resumable, SIGTERM-safe), the teacher-feature cache, evaluation and
 the cost matrix. Plain functions: the configuration stays in train.py."""
+import datetime
 import functools
+import json
 import math
 import os
 import signal
@@ -26,7 +28,7 @@ def init_distributed(device):
     if "RANK" in os.environ and not dist.is_initialized():
         if device == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
 
 
@@ -43,8 +45,7 @@ def barrier():
         dist.barrier()
 
 
-def from_main(obj):
-    """Rank 0's `obj` on every rank (metrics, the cost matrix: every rank then agrees on the order)."""
+def from_main(obj):  # rank 0's `obj` on every rank (metrics, costs: the ranks agree on the order)
     box = [obj]
     if distributed():
         dist.broadcast_object_list(box, 0)
@@ -78,10 +79,10 @@ def memory_format(precision):  # channels_last under autocast (in float32 on a C
 
 
 # Checkpoints: {model, spec, metrics}; the spec (build_detector's arguments) rebuilds the model alone. ----
-def make_spec(label, name, scale, size, category_ids, max_size=None, anchor_base=None, **kw):
-    return dict(label=label, name=name, num_classes=len(category_ids) + 1, scale=scale, min_size=size,
+def make_spec(label, name, scale, size, cats, max_size=None, anchor_base=None, **kw):  # cats: category ids
+    return dict(label=label, name=name, num_classes=len(cats) + 1, scale=scale, min_size=size,
                 max_size=max_size or size, anchor_base=anchor_base or size // 8,
-                category_ids=list(category_ids), **kw)
+                category_ids=list(cats), **kw)
 
 
 def build(spec, seed=None):
@@ -90,8 +91,10 @@ def build(spec, seed=None):
     return build_detector(**{k: v for k, v in spec.items() if k not in ("label", "category_ids")})
 
 
-def save(path, obj):  # atomically, on rank 0; every rank waits
-    if is_main():
+def save(path, obj):  # atomically, on rank 0 (JSON for a .json path); every rank waits
+    if is_main() and path.endswith(".json"):
+        data.atomic_write(path, lambda f: json.dump(obj, f, indent=1))
+    elif is_main():
         data.atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
     barrier()
 
@@ -172,19 +175,17 @@ _caches = {}  # (teacher's file, data, device, precision) -> {(image_id, flipped
 
 
 def teacher_features(teacher, images, targets, precision, cache=None, limit=2 * 2 ** 30):
-    """The teacher's Levels for a batch: from `cache` where it holds every image, else from a forward of the
-    whole batch, whose maps then join the cache (up to `limit` bytes)."""
+    """The teacher's Levels of a batch: from `cache`, or a forward whose maps join it (up to `limit`)."""
     keys = [(t["image_id"], t["flipped"]) for t in targets]
     if cache is not None and all(k in cache for k in keys):
-        with torch.autocast(images[0].device.type, enabled=False):
-            return mtpd.Levels({s: torch.stack([cache[k][0][s] for k in keys]) for s in cache[keys[0]][0]},
-                               [cache[k][1] for k in keys])
+        return mtpd.Levels({s: torch.stack([cache[k][0][s] for k in keys]) for s in cache[keys[0]][0]},
+                           [cache[k][1] for k in keys])
     with autocast(images[0].device, precision):
         feats = fpn_features(teacher, images)
     for i, k in enumerate(keys if cache is not None else []):
-        cache["bytes"] = cache.get("bytes", 0) + sum(f[i].numel() * f.element_size() for f in feats.values())
-        if cache["bytes"] <= limit:
-            cache[k] = ({s: f[i] for s, f in feats.items()}, feats.sizes[i])
+        if k not in cache and cache.get("bytes", 0) < limit:  # one image's maps, copied out of the batch
+            cache[k] = ({s: f[i].clone() for s, f in feats.items()}, feats.sizes[i])
+            cache["bytes"] = cache.get("bytes", 0) + sum(m.nbytes for m in cache[k][0].values())
     return feats
 
 
@@ -220,6 +221,8 @@ def setup(model, loader, steps, device, seed, recipe, teachers=(), mechanism="l2
             mechs.extend(torch.nn.ModuleDict({k: mechanisms.make(mechanism, a[k].channels) for k in a})
                          for a in adapters)
     extra = torch.nn.ModuleList([adapters, mechs]).to(device, memory_format=fmt)
+    for t in extra.state_dict().values() if distributed() else []:  # every rank starts from rank 0's
+        dist.broadcast(t, 0)
     params = [p for p in [*model.parameters(), *extra.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"], fused=True)
     ds, where = loader.dataset, (str(device), recipe["precision"])
@@ -237,10 +240,9 @@ def setup(model, loader, steps, device, seed, recipe, teachers=(), mechanism="l2
 
 def train(model, loader, steps, device, seed, recipe, teachers=(), *, state=None, log=None, desc="train",
           mechanism="l2", inherit_first=False):
-    """Train `model` for `steps` iterations; with teachers, L = L_detect + lam * the feature loss (§3.1) or
-    another mechanism's (§3.4). recipe: train.RECIPE with this run's precision, lam and ckpt_every. Every
-    ckpt_every iterations, and at SIGTERM or SIGUSR1 (then exiting), the whole state goes to the file
-    `state`; recipe['resume'] continues it, on a CPU to identical weights. -> {distill_share_start}."""
+    """Train `model` `steps` iterations; with teachers, L = L_detect + lam * the feature loss (§3.1, §3.4).
+    recipe: train.RECIPE with lr, precision, lam, normalize, resume, made. The whole state goes to `state`
+    every ckpt_every iterations and at SIGTERM / SIGUSR1 (then exiting); resume continues it exactly."""
     st = setup(model, loader, steps, device, seed, recipe, teachers, mechanism, inherit_first, desc)
     if recipe["resume"] and state and os.path.isfile(state):
         ck = read(state)
@@ -256,8 +258,7 @@ def train(model, loader, steps, device, seed, recipe, teachers=(), *, state=None
         print(f"{desc}: resumed at iteration {st.run['step']} of {steps} from {state}")
     loader.batch_sampler.start = st.run["step"]
     stop, batches = [], iter(loader)
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {s: signal.signal(s, lambda n, _: stop.append(n)) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         for i in tqdm(range(st.run["step"], steps), desc=desc, leave=False, disable=not is_main(),
                       initial=st.run["step"], total=steps, mininterval=1.0):

@@ -1,8 +1,7 @@
-"""torchvision's RetinaNet, FCOS, Faster and Mask R-CNN on ResNet, ResNeXt and Swin bodies, with a free FPN
-width, head depth, input size and anchors; plain torchvision detectors (images in, a loss dict in training,
-detections in eval). The names in TORCHVISION build as torchvision's builders (the same state_dict), so its
-COCO weights load. From scratch every BatchNorm trains; pretrained=True builds as torchvision does for
-weights. Under autocast the anchors, P6/P7, boxes and scores stay float32."""
+"""torchvision's RetinaNet, FCOS, Faster and Mask R-CNN on ResNet, ResNeXt and Swin, with a free FPN width,
+head depth, input size and anchors: plain torchvision detectors. The names in TORCHVISION build as its
+builders (the same state_dict: its COCO weights load); from scratch every BatchNorm trains, pretrained builds
+as torchvision does for weights. Under autocast the anchors, P6/P7, boxes and scores stay float32."""
 import math
 import os
 import re
@@ -117,7 +116,8 @@ def _backbone(body, width, stages, extra, zero_init_residual, pretrained, v2, tw
     make, channels = BODIES[body]
     if body.startswith("swin"):
         return SwinFPN(make(weights=None), channels, stages, width, extra)
-    net = make(weights=None, norm_layer=FrozenBN if pretrained and not v2 else nn.BatchNorm2d,
+    frozen = partial(FrozenBN, eps=0.0 if pretrained in EPS0 else 1e-5)  # pretrained: True or the weights
+    net = make(weights=None, norm_layer=frozen if pretrained and not v2 else nn.BatchNorm2d,
                zero_init_residual=zero_init_residual)
     if pretrained:  # torchvision's trainable_layers=3
         for n, p in net.named_parameters():
@@ -269,9 +269,8 @@ def _check(what, own, sd, allowed=None):
 
 
 def load_weights(model, source, num_classes, category_ids=None):
-    """A whole detector's weights into `model`, strictly but for the class layers: with another number of
-    classes they stay fresh, unless `category_ids` (label i <-> category_ids[i - 1]) says the weights index
-    classes by category id, as torchvision's COCO weights do: then those rows are kept. -> one line."""
+    """A detector's weights into `model`, strictly but for the class layers, fresh for another number of
+    classes unless `category_ids` (label i <-> category_ids[i - 1]) picks COCO's rows. -> a line."""
     if category_ids is not None and len(category_ids) + 1 != num_classes:
         raise ValueError(f"{len(category_ids)} category ids make {len(category_ids) + 1} classes, "
                          f"not {num_classes}")
@@ -303,8 +302,7 @@ def load_weights(model, source, num_classes, category_ids=None):
 
 
 def load_backbone_weights(model, source):
-    """ImageNet weights of a classifier (e.g. 'ResNet50_Weights.IMAGENET1K_V1', a Swin's, or a file) into
-    the body of `model`, strictly (fc, norm and head skipped). -> one line."""
+    """A classifier's ImageNet weights (by name or a file) into the body of `model`, strictly. -> a line."""
     sd, where = read_weights(source)
     if isinstance(model.backbone, SwinFPN):
         body = model.backbone.features

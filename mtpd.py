@@ -109,7 +109,7 @@ def stride_keyed(input_hw, feats, sizes=None):
                         "dict or list of [N, C, h, w] levels, or wrap a single map as {'0': x}")
     levels = list(feats.values() if isinstance(feats, dict) else feats)
     if levels[0].shape[-2] < levels[-1].shape[-2]:
-        levels = levels[::-1]  # coarsest first
+        levels = levels[::-1]  # finest first
     heights = [f.shape[-2] for f in levels]
     if heights != sorted(heights, reverse=True):
         raise ValueError(f"stride_keyed: level heights {heights} are neither finest nor coarsest first")

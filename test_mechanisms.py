@@ -313,7 +313,7 @@ def test_distill_cli_mixes_mechanisms_per_stage_and_exports_a_plain_student(zoo,
     assert "order: t1 -> t2" in capsys.readouterr().out
     assert json.load(open(out / "order.json"))["order"] == ["t1", "t2"]
     made = [engine.read(out / f"stage{i}.pt")["metrics"]["made"] for i in (1, 2)]
-    assert [(m["teachers"], m["mechanism"]) for m in made] == [(["t1.pt"], "fgd"), (["t2.pt"], "pkd")]
+    assert [(m["teachers"], m["mechanism"]) for m in made] == [(["t1"], "fgd"), (["t2"], "pkd")]
     sd, spec = torch.load(out / "student.pt", weights_only=True), json.load(open(out / "student_spec.json"))
     assert set(sd) == set(torch.load(base / "s.pt", weights_only=True)["model"])  # no adapter or GcBlock
     engine.build(spec).load_state_dict(sd)  # strict

@@ -88,6 +88,7 @@ def loaders_for(args, root, name):  # (train, val) loaders for a model `name` (m
 
 def check_writable(out):  # before any work: `out` can be written (nothing is created here)
     path = os.path.abspath(out)
+    path = os.path.dirname(path) if os.path.isfile(path) else path  # a file named `out` is replaced
     while not os.path.exists(path):
         path = os.path.dirname(path)
     if not os.path.isdir(path) or not os.access(path, os.W_OK):
@@ -97,9 +98,9 @@ def check_writable(out):  # before any work: `out` can be written (nothing is cr
 def check_models(specs, categories=None):
     """Costs and orders are keyed by label, and distillation pairs models of one label space (the data's)."""
     labels = [s["label"] for s in specs]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        fail(f"two models have the label '{dup[0]}': train them with different `train --label` names")
+    if len(set(labels)) < len(labels):
+        fail(f"two models have the label '{next(x for x in labels if labels.count(x) > 1)}': train them "
+             "with different `train --label` names")
     for s in specs[1:] + ([dict(label="the data", category_ids=list(categories))] if categories else []):
         if s["category_ids"] != specs[0]["category_ids"]:
             fail(f"{s['label']} has categories {s['category_ids']}, {specs[0]['label']} "
@@ -115,10 +116,12 @@ def table(rows):
 
 # Training a model: one row of Table 3, one stage, or `train`. ---------------------------------------------
 def fit(args, path, spec, model, root, steps, seed, teachers=(), inherit=False, mechanism="l2", init=None):
-    """Train `model` (engine.train; with teachers' checkpoints, distil it), evaluate it, save it to `path`
-    with how it was made; a checkpoint made the same way is reused, one made otherwise refused. -> metrics."""
-    made = dict(steps=steps, seed=seed, init=init and os.path.basename(init), lr=args.lr, mechanism=mechanism,
-                precision=args.precision, teachers=[os.path.basename(t) for t in teachers])
+    """Train `model` (engine.train; distil it from `teachers`' checkpoints), evaluate it, save it to `path`
+    with how it was made; one made so is reused, one made otherwise refused. -> the metrics."""
+    label = lambda ckpt: engine.read(ckpt)["spec"]["label"]  # noqa: E731 (a model is known by its label)
+    made = dict(steps=steps, seed=seed, spec={k: v for k, v in spec.items() if k != "label"}, lr=args.lr,
+                mechanism=mechanism, precision=args.precision, init=init and label(init),
+                teachers=[label(t) for t in teachers])
     if teachers:  # (`train` has no method flags: it never distils)
         made.update(lam=args.lam, normalize=args.normalize, inherit=inherit)
     if os.path.isfile(path):
@@ -152,7 +155,7 @@ def jsonl(path):
     return log
 
 
-def progressive(args, prefix, student, order, teachers, out, root, mechanisms=None):
+def progressive(args, prefix, student, order, teachers, out, root, mechs=None):
     """MTPD (§3.2): one stage per teacher of `order`, each from the student checkpoint the last one left,
     with fresh adapters and optimiser. teachers: {label: checkpoint}, or None (the same schedule without);
     mechanisms: one per stage (§3.4; default the L2). -> (the last checkpoint, [each stage's metrics])."""
@@ -164,7 +167,7 @@ def progressive(args, prefix, student, order, teachers, out, root, mechanisms=No
         stages.append(fit(args, path, spec, model, root, args.stage_steps,
                           args.seed + sum(map(ord, f"mtpd_stage{i + 1}")),  # shared by MTPD and its control
                           [teachers[teacher]] if teachers else [], args.inherit and i == 0 and bool(teachers),
-                          mechanisms[i] if mechanisms else "l2", init=student))
+                          mechs[i] if mechs else "l2", init=student))
         student = path
     return student, stages
 
@@ -173,7 +176,7 @@ def export(path, out):
     """The student without adapters: a plain torchvision state_dict that loads strictly, and its spec."""
     model, spec, _ = engine.load(path)
     engine.save(os.path.join(out, "student.pt"), model.state_dict())
-    data.atomic_write(os.path.join(out, "student_spec.json"), lambda f: json.dump(spec, f, indent=1))
+    engine.save(os.path.join(out, "student_spec.json"), spec)
 
 
 # The subcommands. -----------------------------------------------------------------------------------------
@@ -224,7 +227,7 @@ def reproduce(args):
                    teachers={t: m["AP"] for t, m in pool.items()}, settings=settings,
                    stages=[dict(m, teacher=t) for t, m in zip(order, stages)],
                    wall_minutes=round((time.time() - t0) / 60, 2))
-    data.atomic_write(os.path.join(out, "results.json"), lambda f: json.dump(results, f, indent=1))
+    engine.save(os.path.join(out, "results.json"), results)
     print(f"\n{table(runs)}\n\nmtpd - direct {100 * (runs['mtpd']['AP'] - runs['direct']['AP']):+.1f} AP, "
           f"direct - long {100 * (runs['direct']['AP'] - runs['long']['AP']):+.1f}; "
           f"{results['wall_minutes']:.1f} min; everything is in {out}/")
@@ -241,12 +244,12 @@ def cmd_train(args):
     if args.weights and not os.path.isfile(args.weights) and off:  # torchvision's weights: its sizes
         fail(f"--{off[0].replace('_', '-')} {getattr(args, off[0])} conflicts with {args.weights}, trained "
              f"with torchvision's {TORCHVISION_SIZES}; leave it out (or fine-tune from a file)")
-    defaults = TORCHVISION_SIZES if args.data or args.weights else dict(
+    defaults = TORCHVISION_SIZES if args.data or args.weights and not os.path.isfile(args.weights) else dict(
         min_size=ds.coco.imgs[ds.ids[0]]["height"], max_size=0, anchor_base=0)  # the built-in images' size
     size = {k: getattr(args, k) or v for k, v in defaults.items()}
     spec = engine.make_spec(args.label or args.model, args.model, args.scale, size["min_size"],
                             ds.category_ids, size["max_size"], size["anchor_base"],
-                            pretrained=bool(args.weights or args.weights_backbone))
+                            pretrained=args.weights or bool(args.weights_backbone))  # the weights' recipe
     net = engine.build(spec, args.seed)
     try:
         if args.weights:  # torchvision's COCO weights keep the data's categories' rows when the names agree
@@ -261,7 +264,8 @@ def cmd_train(args):
             print(models.load_backbone_weights(net, args.weights_backbone))
     except ValueError as e:
         fail(str(e))
-    steps = int(args.epochs * len(ds) // args.batch)
+    world = torch.distributed.get_world_size() if engine.distributed() else 1
+    steps = int(args.epochs * len(ds) // (args.batch * world))  # the batch is per process
     fit(args, os.path.join(args.out, "model.pt"), spec, net, root, steps, args.seed)
 
 
@@ -287,7 +291,7 @@ def cmd_distill(args):
         ap = {spec["label"]: ap[spec["label"]] or engine.evaluate(m, val, args.dev, args.precision)["AP"]
               for m, spec, _ in loaded[1:]}
         order = mtpd.backward_greedy_selection(cost, loaded[0][1]["label"], ap, args.k)
-    data.atomic_write(order_file, lambda f: json.dump({"order": order}, f))
+    engine.save(order_file, {"order": order})
     print(f"order: {' -> '.join(order)}")
     mechs = args.mechanism * len(order) if len(args.mechanism) == 1 else args.mechanism
     last, _ = progressive(args, "", args.student, order, labels, args.out, root, mechs)
@@ -310,8 +314,7 @@ def cmd_eval(args):
             print(f"{spec['label']}: {iou_type}, {len(results)} detections on {len(val)} images\n"
                   f"{data.coco_summary(val.coco, results, iou_type)[1]}")
             if args.out:
-                data.atomic_write(os.path.join(args.out, f"detections_{iou_type}.json"),
-                                  lambda f: json.dump(results, f))
+                engine.save(os.path.join(args.out, f"detections_{iou_type}.json"), results)
 
 
 def costs(args, loaded, root, path):
@@ -319,7 +322,7 @@ def costs(args, loaded, root, path):
     cost = engine.cost_matrix({spec["label"]: m for m, spec, _ in loaded},
                               data.CocoDetection(root, "train", masks=False), args.images, args.dev)
     ap = {spec["label"]: met.get("AP") for _, spec, met in loaded}
-    data.atomic_write(path, lambda f: json.dump({"cost": cost, "ap": ap}, f, indent=1))
+    engine.save(path, {"cost": cost, "ap": ap})
     return cost, ap
 
 

@@ -18,7 +18,7 @@ def on_run(run, rest, fn):
     st = res["settings"]
     argv = ["reproduce", "--preset", res["preset"], "--seed", res["seed"], "--out", run, "--lam", st["lam"],
             "--k", st["k"], "--inherit" if st["inherit"] else "--no-inherit",
-            "--normalize" if st["normalize"] else "--no-normalize", *rest]
+            "--normalize" if st["normalize"] else "--no-normalize", "--precision", st["precision"], *rest]
 
     def command(args):
         p = train.PRESETS[args.preset]
@@ -26,6 +26,17 @@ def on_run(run, rest, fn):
         teachers = {t: os.path.join(res["pool"], f"{t}.pt") for t in res["teachers"]}
         return fn(args, res, train.data_root(args, args.preset), teachers)
     return train.main(argv, command)
+
+
+def direct(args, res, root, teacher, label="direct", mechanism="l2"):
+    """The run's `direct` row again, from its OTS student at its budget, seed and batches: from `teacher`
+    (a checkpoint) with `mechanism`, into RUN/ckpt/<label>.pt (reused when there). -> its metrics."""
+    ots = os.path.join(args.out, "ckpt", "ots.pt")
+    model, spec, _ = train.engine.load(ots, args.dev)
+    path, steps = os.path.join(args.out, "ckpt", f"{label}.pt"), args.stage_steps * len(res["order"])
+    seed = args.seed + sum(map(ord, "direct"))  # the baselines' seed (train.reproduce)
+    return train.fit(args, path, dict(spec, label=label), model, root, steps, seed, [teacher], args.inherit,
+                     mechanism, init=ots)
 
 
 def write(path, obj, markdown):

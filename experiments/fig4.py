@@ -8,21 +8,17 @@ RUN/ckpt/<mechanism>_direct.pt and <mechanism>_mtpd_stage<i>.pt; RUN/fig4.json a
 import argparse
 import os
 
-from common import md_table, on_run, train, write
+from common import direct, md_table, on_run, train, write
 
 
 def fig4(args, res, root, teachers, mechs):
     ckpts, order = os.path.join(args.out, "ckpt"), res["order"]
-    ots = os.path.join(ckpts, "ots.pt")
     rows = {"l2": {"direct": res["runs"]["direct"]["AP"], "mtpd": res["runs"]["mtpd"]["AP"]}}
     for m in mechs:
-        model, spec, _ = train.engine.load(ots, args.dev)
-        direct = train.fit(args, os.path.join(ckpts, f"{m}_direct.pt"), dict(spec, label=f"{m}_direct"),
-                           model, root, args.stage_steps * len(order), args.seed + sum(map(ord, "direct")),
-                           [teachers[order[-1]]], args.inherit, m, init=ots)
-        stages = train.progressive(args, f"{m}_mtpd_", ots, order, teachers, ckpts, root,
-                                   [m] * len(order))[1]
-        rows[m] = {"direct": direct["AP"], "mtpd": stages[-1]["AP"]}
+        d = direct(args, res, root, teachers[order[-1]], f"{m}_direct", m)
+        stages = train.progressive(args, f"{m}_mtpd_", os.path.join(ckpts, "ots.pt"), order, teachers, ckpts,
+                                   root, [m] * len(order))[1]
+        rows[m] = {"direct": d["AP"], "mtpd": stages[-1]["AP"]}
     table = md_table(["mechanism", "direct", "MTPD", "MTPD − direct"],
                      [[m, f"{100 * r['direct']:.1f}", f"{100 * r['mtpd']:.1f}",
                        f"{100 * (r['mtpd'] - r['direct']):+.1f}"] for m, r in rows.items()])

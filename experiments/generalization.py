@@ -79,8 +79,9 @@ def generalization(args, res, root, teachers, own):
     alphas = torch.linspace(-own.radius, own.radius, own.points).tolist()
     lands = {}
     for row in ("long", "mtpd"):
-        model = train.engine.load(os.path.join(ckpts, "long.pt" if row == "long" else f"mtpd_stage{k}.pt"),
-                                  args.dev)[0]
+        long = "long.pt" if k == args.k else f"long_{k}x.pt"  # as long as MTPD's stages (train.reproduce)
+        path = os.path.join(ckpts, long if row == "long" else f"mtpd_stage{k}.pt")
+        model = train.engine.load(path, args.dev)[0]
         lands[row] = [curve(model, batches, direction(model, s), alphas, args.dev)
                       for s in range(own.directions)]
     mid = own.points // 2

@@ -9,7 +9,6 @@ low precision's autocast against its float32 boxes, matched by IoU.
 """
 import argparse
 import json
-import os
 import tempfile
 import time
 

@@ -9,17 +9,13 @@ RUN/ckpt/direct_<teacher>.pt; RUN/premise.json, .md and .png (with matplotlib).
 import argparse
 import os
 
-from common import md_table, on_run, pyplot, train, write
+from common import direct, md_table, on_run, pyplot, write
 
 
 def premise(args, res, root, teachers):
-    ckpts, budget = os.path.join(args.out, "ckpt"), args.stage_steps * len(res["order"])
-    ots, rows = os.path.join(ckpts, "ots.pt"), {}
-    for t, path in teachers.items():
-        label = "direct" if t == res["order"][-1] else f"direct_{t}"  # the run's own row for its best teacher
-        model, spec, _ = train.engine.load(ots, args.dev)
-        m = train.fit(args, os.path.join(ckpts, f"{label}.pt"), dict(spec, label=label), model, root, budget,
-                      args.seed + sum(map(ord, "direct")), [path], args.inherit, init=ots)
+    rows = {}
+    for t, path in teachers.items():  # the run's own `direct` row for its last teacher
+        m = direct(args, res, root, path, "direct" if t == res["order"][-1] else f"direct_{t}")
         rows[t] = {"teacher_AP": res["teachers"][t], "cost": res["cost"]["ots"][t], "AP": m["AP"]}
     long = res["runs"]["long"]["AP"]
     table = md_table(["teacher", "teacher AP", "d(ots → teacher)", "distilled AP", "− long"],
