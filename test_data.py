@@ -499,7 +499,8 @@ def test_train_on_coco_data_builds_torchvisions_model_and_refuses_contradicting_
             (spec, net), = made
             assert recipe_of(net) == want, (name, flags)
             assert (spec["min_size"], spec["max_size"], spec["anchor_base"]) == (800, 1333, 32)
-            assert spec["pretrained"] == bool(flags) and spec["category_ids"] == [3, 17]
+            assert spec["pretrained"] == (flags[1] if flags else False)  # the weights' name: their recipe
+            assert spec["category_ids"] == [3, 17]
         assert loaded[-1] == (weights, 3, [3, 17])  # COCO's rows of "car" and "cat"
     assert "loaded MaskRCNN_ResNet50_FPN_Weights.COCO_V1" in capsys.readouterr().out
     made.clear()  # the built-in benchmark's rule: no --data, no --weights (here the same folder)
