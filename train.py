@@ -107,10 +107,10 @@ def check_models(specs, categories=None):
                  f"{specs[0]['category_ids']}: train every model on the same data")
 
 
-def table(rows):
-    cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+def table(rows, cols=("AP", "AP50", "AP75", "APs", "APm", "APl")):
     lines = [f"{'run':18s}" + "".join(f"{c:>7s}" for c in cols)]
-    lines += [f"{k:18s}" + "".join(f"{100 * m[c]:7.1f}" for c in cols) for k, m in rows.items()]
+    lines += [f"{k:18s}" + "".join(f"{100 * m[c]:7.1f}" if m[c] >= 0 else "    n/a" for c in cols)  # -1: none
+              for k, m in rows.items()]
     return "\n".join(lines)
 
 
