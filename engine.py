@@ -232,8 +232,8 @@ def setup(model, loader, steps, device, seed, recipe, teachers=(), mechanism="l2
         teachers=teachers, adapters=list(adapters), extra=extra, params=params, opt=opt, feats=feats,
         hooks=hooks, sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, recipe)),
         mechs=list(mechs) if mechanism != "l2" else None, run={"step": 0, "distill_share_start": None},
-        caches=[_caches.setdefault((t.source, ds.root, ds.split, *where), {})
-                if hasattr(t, "source") and ds.one_size() else None for t in teachers],
+        caches={id(t): _caches.setdefault((t.source, ds.root, ds.split, *where), {})  # by teacher, once
+                if hasattr(t, "source") and ds.one_size() else None for t in teachers},
         boxes=mechanisms.input_boxes if mechanism == "fgd" else None,
         scaler=torch.amp.GradScaler(device.type) if recipe["precision"] == "fp16" else None)
 
@@ -296,10 +296,9 @@ def step(st, images, targets, recipe):
     levels = {}
     with autocast(images[0].device, recipe["precision"]):
         if st.teachers:
-            cache = {id(t): c for t, c in zip(st.teachers, st.caches)}
             losses = mtpd.distill_losses(
                 st.student, images, targets, st.feats, st.teachers, st.adapters,
-                lambda t, ims: teacher_features(t, ims, targets, recipe["precision"], cache[id(t)]),
+                lambda t, ims: teacher_features(t, ims, targets, recipe["precision"], st.caches[id(t)]),
                 lam=recipe["lam"], normalize=recipe["normalize"], mechanisms=st.mechs,
                 teacher_boxes=st.boxes, levels=levels)
         else:

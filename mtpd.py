@@ -247,15 +247,11 @@ def make_adapters(student, teacher, images, features):
 # 3. Feature loss (§3.1), or another mechanism per level (§3.4). -------------------------------------------
 def feature_loss(student_feats, teacher_feats, adapters, *, normalize=True, mechanisms=None, boxes=None,
                  levels=None):
-    """sum over the adapters' strides and pixels of ||F_T - phi(F_S)||^2, divided by
-    - normalize=True: the teacher's variance in the batch, each channel about its own mean, pooled over
-      levels by pixels (the adaptation cost's normalisation): the fraction of F_T's variance the student
-      misses, 1 for a student that outputs F_T's per-channel means, 0 when it matches;
-    - normalize=False: the number of values compared: the paper's plain mean squared error.
-    With Levels.sizes on both sides, the teacher's padding is left out (align). In float32 under autocast.
-    mechanisms: {str(stride): m(phi(F_S), F_T, boxes, stride) -> scalar} in place of the L2 (§3.4; the
-    teacher's padding copied into phi(F_S)), summed. boxes: [n_i, 4] xyxy in the teacher's input frame.
-    levels: a dict that receives each stride's share of the loss (detached)."""
+    """sum over strides and pixels of ||F_T - phi(F_S)||^2 over, with normalize, the teacher's variance
+    (each channel about its own mean, pooled over levels: the cost's; 1 for a student of F_T's channel
+    means), else the number of values (the paper's plain MSE). The teacher's padding is left out (align).
+    mechanisms: {str(stride): m(phi(F_S), F_T, boxes, stride)} summed in place of the L2 (§3.4); boxes
+    [n_i, 4] in the teacher's frame; levels: a dict that receives each stride's share (detached)."""
     ssz, tsz = getattr(student_feats, "sizes", None), getattr(teacher_feats, "sizes", None)
     errors, scales = [], []
     for key, adapter in adapters.items():
@@ -283,12 +279,9 @@ def feature_loss(student_feats, teacher_feats, adapters, *, normalize=True, mech
 
 def distill_losses(student, images, targets, student_feats, teachers, adapters, teacher_features, *, lam=1.0,
                    normalize=True, mechanisms=None, teacher_boxes=None, levels=None):
-    """One training forward (§3.1): the student's detection losses plus
-    'distill' = lam * sum over teachers of feature_loss (one teacher per progressive stage; several for an
-    ensemble). student: in train mode, its neck hooked by capture_features (student_feats). teachers:
-    frozen, each with its ModuleDict of adapters; teacher_features(teacher, images) runs its neck only:
-    its head never runs. mechanisms: one dict per teacher (feature_loss); teacher_boxes(teacher, images,
-    targets) -> the boxes in its input frame, for those that use them. -> the loss dict."""
+    """One training forward (§3.1): the student's detection losses and 'distill' = lam * the sum over
+    teachers (one a stage; several: the ensemble) of feature_loss. student: in train mode, its neck hooked
+    (student_feats); teacher_features(teacher, images) runs a frozen teacher's neck, never its head."""
     if not student.training:
         raise ValueError("distill_losses: the student is in eval mode, where a detector returns detections "
                          "rather than losses: call student.train() (the teachers stay frozen)")

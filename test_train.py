@@ -195,7 +195,7 @@ def test_cached_teacher_features_are_the_teachers_and_fill_up_to_the_limit(zoo, 
         student = engine.load(str(base / "s.pt"))[0]
         st = engine.setup(student, loader, 1, torch.device("cpu"), 0, recipe, [teacher])
         st.hooks.remove()
-        assert (st.caches[0] is not None) == cached
+        assert (st.caches[id(st.teachers[0])] is not None) == cached
 
 
 # The other subcommands and one-line errors ----------------------------------------------------------------
